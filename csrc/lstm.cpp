@@ -1,0 +1,127 @@
+// Op schemas of the lstm_fused namespace and the input checks every implementation shares.
+#include "lstm.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace lstm_fused {
+namespace {
+
+std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "lstm_fused: ", name, " must have shape ", expected,
+              ", got ", shape_of(t));
+}
+
+void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lstm_fused: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", x.scalar_type(),
+              "; input, state and weights must share one dtype");
+  TORCH_CHECK(t.device() == x.device(), "lstm_fused: ", name, " is on ", t.device(),
+              " but x is on ", x.device(), "; input, state and weights must be on one device");
+}
+
+}  // namespace
+
+LstmSizes check_forward_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const std::optional<at::Tensor>& b_ih,
+                             const std::optional<at::Tensor>& b_hh,
+                             const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.dim() == 3, "lstm_fused: x must be 3-D [T, B, input_size], got ", x.dim(),
+              "-D with shape ", shape_of(x));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "lstm_fused: x must have a floating-point dtype, got ", x.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
+              "lstm_fused: w_ih must be 2-D [4 * hidden_size, input_size], got shape ",
+              shape_of(w_ih));
+  LstmSizes s{x.size(0), x.size(1), x.size(2), w_ih.size(0) / 4, w_ih.size(0) / 4};
+  TORCH_CHECK(w_ih.size(1) == s.input_size, "lstm_fused: w_ih has ", w_ih.size(1),
+              " input columns but x has input_size ", s.input_size);
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size,
+                "lstm_fused: w_hr must be 2-D [proj_size, hidden_size=", s.hidden_size,
+                "], got shape ", shape_of(*w_hr));
+    s.output_size = w_hr->size(0);
+    check_like_x(x, *w_hr, "w_hr");
+  }
+  check_shape(w_hh, {4 * s.hidden_size, s.output_size}, "w_hh");
+  check_shape(h0, {s.batch, s.output_size}, "h0");
+  check_shape(c0, {s.batch, s.hidden_size}, "c0");
+  check_like_x(x, w_ih, "w_ih");
+  check_like_x(x, w_hh, "w_hh");
+  check_like_x(x, h0, "h0");
+  check_like_x(x, c0, "c0");
+  if (b_ih.has_value()) {
+    check_shape(*b_ih, {4 * s.hidden_size}, "b_ih");
+    check_like_x(x, *b_ih, "b_ih");
+  }
+  if (b_hh.has_value()) {
+    check_shape(*b_hh, {4 * s.hidden_size}, "b_hh");
+    check_like_x(x, *b_hh, "b_hh");
+  }
+  if (lengths.has_value()) {
+    check_shape(*lengths, {s.batch}, "lengths");
+    TORCH_CHECK(lengths->scalar_type() == at::kLong, "lstm_fused: lengths must be int64, got ",
+                lengths->scalar_type());
+    TORCH_CHECK(lengths->device() == x.device(), "lstm_fused: lengths is on ", lengths->device(),
+                " but x is on ", x.device());
+    // Values are checked where they can be read without a device synchronisation.
+    if (lengths->is_cpu() && s.batch > 0) {
+      const auto lo = lengths->min().item<int64_t>();
+      const auto hi = lengths->max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi <= s.seq_len, "lstm_fused: lengths must lie in [0, T=", s.seq_len,
+                  "], got values in [", lo, ", ", hi, "]");
+    }
+  }
+  return s;
+}
+
+LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                              const at::Tensor& grad_c_n, const at::Tensor& x,
+                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                              const at::Tensor& gates, const at::Tensor& cells) {
+  const LstmSizes s = check_forward_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
+                                         lengths);
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  check_shape(grad_y, {T, B, P}, "grad_y");
+  check_shape(grad_h_n, {B, P}, "grad_h_n");
+  check_shape(grad_c_n, {B, H}, "grad_c_n");
+  check_shape(y, {T, B, P}, "y");
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, 4 * H}) &&
+                  cells.sizes() == at::IntArrayRef({T, B, H}),
+              "lstm_fused: backward needs the gates [T, B, 4H] and cells [T, B, H] that forward "
+              "saves with training=True; got gates ", shape_of(gates), " and cells ",
+              shape_of(cells), " (was forward called with training=False?)");
+  for (const auto* t : {&grad_y, &grad_h_n, &grad_c_n, &y}) check_like_x(x, *t, "a gradient");
+  TORCH_CHECK(gates.device() == x.device() && cells.device() == x.device(),
+              "lstm_fused: saved gates and cells must be on x's device");
+  return s;
+}
+
+}  // namespace lstm_fused
+
+TORCH_LIBRARY(lstm_fused, m) {
+  m.def(
+      "forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool training) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor y, Tensor gates, "
+      "Tensor cells, bool reverse, bool has_bias) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
+}
+
+// Lets `import lstm_fused._C` load this library; the ops register themselves on load.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,51 @@
+// The lstm_fused op boundary: one LSTM layer in one direction.
+//
+// Shapes (time-major; T steps, B sequences, I inputs, H hidden units, P = proj_size or H):
+//   x: [T, B, I]   h0: [B, P]   c0: [B, H]
+//   w_ih: [4H, I]  w_hh: [4H, P]  b_ih, b_hh: [4H] (optional)  w_hr: [P, H] (optional)
+//   lengths: [B] int64 (optional): sequence b runs steps t < lengths[b]; padded steps carry the state
+//   y: [T, B, P]   h_n: [B, P]   c_n: [B, H]
+//   gates: [T, B, 4H] activated gates i, f, g, o   cells: [T, B, H] cell states c_t
+//   (gates and cells are returned only when training; else they are empty)
+//
+// Gate order and math are torch.nn.LSTM's:
+//   i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of (x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)
+//   c_t = f * c_{t-1} + i * g      h_t = o * tanh(c_t)   (then h_t = h_t W_hr^T with a projection)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace lstm_fused {
+
+struct LstmSizes {
+  int64_t seq_len;      // T
+  int64_t batch;        // B
+  int64_t input_size;   // I
+  int64_t hidden_size;  // H
+  int64_t output_size;  // P: proj_size if there is a projection, else H
+};
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The one set of input checks, shared by every device: ranks, shapes, dtypes, devices.
+LstmSizes check_forward_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const std::optional<at::Tensor>& b_ih,
+                             const std::optional<at::Tensor>& b_hh,
+                             const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& lengths);
+
+// check_forward_args plus the shapes of the incoming gradients and of what forward saved.
+LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                              const at::Tensor& grad_c_n, const at::Tensor& x,
+                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                              const at::Tensor& gates, const at::Tensor& cells);
+
+}  // namespace lstm_fused

@@ -1,0 +1,60 @@
+"""Loads the compiled ops: the installed lstm_fused._C, else a JIT build of csrc/ with ninja."""
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent / "csrc"
+_loaded = False
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    if not (_SOURCE_ROOT / "lstm.cpp").is_file():
+        raise ImportError(
+            "lstm_fused: the compiled extension lstm_fused._C is missing and the C++ sources are not "
+            "beside the package to build it; reinstall with `pip install --no-build-isolation .`"
+        )
+    if not cpp_extension.is_ninja_available():
+        raise ImportError(
+            "lstm_fused: the compiled extension lstm_fused._C is missing; building it on the fly "
+            "needs ninja (`pip install ninja`), or install the package with "
+            "`pip install --no-build-isolation .`"
+        )
+    sources = [str(_SOURCE_ROOT / "lstm.cpp")] + sorted(str(p) for p in _SOURCE_ROOT.glob("cpu/*.cpp"))
+    cuda_sources = sorted(str(p) for p in _SOURCE_ROOT.glob("cuda/*.c*"))
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and bool(cuda_sources)
+        and os.environ.get("LSTM_FUSED_CUDA") != "0"
+    )
+    cpp_extension.load(
+        name="lstm_fused_jit_cuda" if with_cuda else "lstm_fused_jit",
+        sources=sources + (cuda_sources if with_cuda else []),
+        extra_cflags=["-O3", "-std=c++17"] + (["-DLSTM_FUSED_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+        with_cuda=with_cuda,
+        is_python_module=False,
+    )
+
+
+def load() -> None:
+    """Registers the torch.ops.lstm_fused ops, building them first if no build is installed."""
+    global _loaded
+    if _loaded:
+        return
+    if importlib.util.find_spec("lstm_fused._C") is not None:
+        try:
+            from . import _C  # noqa: F401  (loading it registers the ops)
+        except ImportError as error:
+            raise ImportError(
+                f"lstm_fused: the compiled extension failed to load ({error}); it was probably built "
+                f"against another PyTorch than this one ({torch.__version__}). Rebuild it with "
+                "`pip install --no-build-isolation --force-reinstall --no-deps .`"
+            ) from error
+    else:
+        _jit_build()
+    _loaded = True

@@ -1,0 +1,56 @@
+"""One LSTM layer in one direction, through the torch.ops.lstm_fused ops."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers the ops)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm(
+    input: Tensor,
+    hx: Optional[Tuple[Tensor, Tensor]],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    weight_hr: Optional[Tensor] = None,
+    *,
+    reverse: bool = False,
+    lengths: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """Runs one LSTM layer in one direction over a time-major sequence.
+
+    Shapes (T steps, B sequences, I inputs, H hidden units, P = proj_size or H):
+      input: [T, B, I]
+      hx: (h_0 [B, P], c_0 [B, H]), or None for zeros
+      weight_ih: [4H, I]   weight_hh: [4H, P]   bias_ih, bias_hh: [4H]   weight_hr: [P, H]
+      reverse: run from step T-1 down to 0 (the backward direction of a bidirectional LSTM)
+      lengths: [B] int64 on input's device; sequence b runs steps t < lengths[b] (with reverse,
+        from lengths[b]-1 down to 0), its output is zero beyond, and h_n, c_n are its last state
+    Returns (output [T, B, P], (h_n [B, P], c_n [B, H])), as torch.nn.LSTM computes them with
+    gate order i, f, g, o.
+    """
+    hidden_size = weight_hh.shape[0] // 4
+    output_size = weight_hh.shape[1]
+    if hx is None:
+        batch = input.shape[1] if input.dim() == 3 else 0
+        h0 = input.new_zeros(batch, output_size)
+        c0 = input.new_zeros(batch, hidden_size)
+    else:
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError("lstm_fused.lstm: hx must be a pair (h_0, c_0) of tensors or None")
+        h0, c0 = hx
+    training = _needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    output, h_n, c_n, _, _ = torch.ops.lstm_fused.forward(
+        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse, training)
+    if lengths is not None:
+        # The op carries the last state through padded steps; the padded outputs are zeros.
+        steps = torch.arange(output.shape[0], device=output.device)
+        padded = steps[:, None] >= lengths[None, :]
+        output = output.masked_fill(padded[:, :, None], 0.0)
+    return output, (h_n, c_n)

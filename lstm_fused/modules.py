@@ -1,0 +1,167 @@
+"""lstm_fused.LSTM: torch.nn.LSTM's contract, computed by the lstm_fused ops."""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .functional import lstm
+
+
+class LSTM(nn.RNNBase):
+    """A drop-in replacement for torch.nn.LSTM.
+
+    Same constructor, validation, parameter names, shapes, order and initialisation (the base
+    class is nn.LSTM's own), so state_dicts load both ways; same inputs (batched [T, B, I] or
+    [B, T, I] with batch_first, unbatched [T, I], PackedSequence, hx given or omitted) and outputs
+    (output, (h_n, c_n)). Each layer and direction runs as one lstm_fused op. Unlike nn.LSTM it
+    compiles under torch.compile(fullgraph=True) without a graph break.
+    """
+
+    # nn.LSTM's own input checks and error messages.
+    check_forward_args = nn.LSTM.check_forward_args
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM) -> "LSTM":
+        """An lstm_fused.LSTM sharing module's configuration and its very Parameter objects (so an
+        optimizer built on module keeps training the new one)."""
+        if not isinstance(module, nn.LSTM):
+            raise TypeError(f"LSTM.from_torch expects a torch.nn.LSTM, got {type(module).__name__}")
+        first = getattr(module, module._flat_weights_names[0])
+        converted = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                        module.batch_first, float(module.dropout), module.bidirectional,
+                        module.proj_size, device="meta", dtype=first.dtype)
+        for name in module._flat_weights_names:
+            setattr(converted, name, getattr(module, name))
+        converted.train(module.training)
+        return converted
+
+    def _zero_state(self, input: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        output_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        options = dict(dtype=input.dtype, device=input.device)
+        return (torch.zeros(layers, batch, output_size, **options),
+                torch.zeros(layers, batch, self.hidden_size, **options))
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        if hx is not None and not (
+            isinstance(hx, (tuple, list)) and len(hx) == 2
+            and all(isinstance(t, Tensor) for t in hx)
+        ):
+            raise TypeError(
+                f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            hx = self._zero_state(input, input.size(batch_dim))
+        elif is_batched:
+            if hx[0].dim() != 3 or hx[1].dim() != 3:
+                raise RuntimeError(
+                    "For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        else:
+            if hx[0].dim() != 2 or hx[1].dim() != 2:
+                raise RuntimeError(
+                    "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, hx, None)
+
+        sequence = input.transpose(0, 1) if self.batch_first else input
+        output, h_n, c_n = self._run_layers(sequence, hx, lengths=None)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _forward_packed(self, packed: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if hx is None:
+            hx = self._zero_state(data, int(batch_sizes[0]))
+        self.check_forward_args(data, hx, batch_sizes)
+        # Padded, in the caller's batch order, like hx and h_n.
+        padded, lengths = pad_packed_sequence(packed)
+        output, h_n, c_n = self._run_layers(padded, hx, lengths.to(padded.device))
+        if sorted_indices is not None:
+            output = output.index_select(1, sorted_indices)
+            lengths = lengths.index_select(0, sorted_indices.cpu())
+        output_data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+        return PackedSequence(output_data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+    def _run_layers(self, sequence: Tensor, hx: Tuple[Tensor, Tensor],
+                    lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """sequence: [T, B, I]; hx: ([L*D, B, P], [L*D, B, H]) -> ([T, B, D*P], h_n, c_n)."""
+        h0, c0 = hx
+        num_directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
+                index = layer * num_directions + direction
+                output, (h, c) = lstm(
+                    sequence,
+                    (h0[index], c0[index]),
+                    getattr(self, "weight_ih" + suffix),
+                    getattr(self, "weight_hh" + suffix),
+                    getattr(self, "bias_ih" + suffix) if self.bias else None,
+                    getattr(self, "bias_hh" + suffix) if self.bias else None,
+                    getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
+                    reverse=direction == 1,
+                    lengths=lengths,
+                )
+                outputs.append(output)
+                h_n.append(h)
+                c_n.append(c)
+            sequence = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                sequence = F.dropout(sequence, self.dropout, training=True)
+        return sequence, torch.stack(h_n), torch.stack(c_n)
+
+
+def replace_lstm(module: nn.Module) -> nn.Module:
+    """Swaps every torch.nn.LSTM inside module (module itself included) for lstm_fused.LSTM, in
+    place, keeping the same Parameter objects, device and dtype. Returns the module (a new one if
+    module itself was an nn.LSTM). Subclasses of nn.LSTM are left alone: their forward may differ.
+    """
+    converted: Dict[int, nn.Module] = {}
+
+    def convert(child: nn.Module) -> nn.Module:
+        if type(child) is nn.LSTM:
+            if id(child) not in converted:  # a module used twice stays shared
+                converted[id(child)] = LSTM.from_torch(child)
+            return converted[id(child)]
+        for name, grandchild in list(child.named_children()):
+            replacement = convert(grandchild)
+            if replacement is not grandchild:
+                setattr(child, name, replacement)
+        return child
+
+    return convert(module)

@@ -1,0 +1,75 @@
+"""Builds lstm_fused._C against the PyTorch already installed.
+
+Install with `pip install --no-build-isolation .` (or `-e .`): an isolated build environment would
+download a different, several-GB build of torch to compile against.
+
+Environment variables:
+  LSTM_FUSED_CUDA=1|0       force or skip the CUDA kernels (default: build them when torch has CUDA
+                            and nvcc is found)
+  LSTM_FUSED_CUDA_ARCHS     CUDA architectures, e.g. "80;90" (default: TORCH_CUDA_ARCH_LIST, else
+                            the visible GPUs, else "80;90")
+"""
+import glob
+import os
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:  # pragma: no cover - only without torch
+    raise SystemExit(
+        "lstm_fused compiles against the installed PyTorch, which was not found "
+        f"({error}). Install torch first (e.g. `pip install torch==2.13.0`), then "
+        "`pip install --no-build-isolation .`"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def use_cuda() -> bool:
+    forced = os.environ.get("LSTM_FUSED_CUDA")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced == "1":
+        if not available:
+            raise SystemExit("LSTM_FUSED_CUDA=1 but torch has no CUDA or nvcc was not found")
+        return True
+    if forced == "0":
+        return False
+    return available
+
+
+def sources(*patterns):
+    found = []
+    for pattern in patterns:
+        found += sorted(glob.glob(os.path.join("csrc", pattern)))
+    return found
+
+
+cxx_flags = ["-O3", "-std=c++17"]
+cuda = use_cuda() and bool(sources("cuda/*.cu"))
+if cuda:
+    archs = os.environ.get("LSTM_FUSED_CUDA_ARCHS")
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+            f"{a[:-1]}.{a[-1]}" if "." not in a else a for a in archs.replace(",", ";").split(";") if a
+        )
+    elif "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    extension = CUDAExtension(
+        "lstm_fused._C",
+        sources("*.cpp", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"),
+        define_macros=[("LSTM_FUSED_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+else:
+    extension = CppExtension(
+        "lstm_fused._C",
+        sources("*.cpp", "cpu/*.cpp"),
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+)
