@@ -99,7 +99,16 @@ LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h
               "lstm_fused: backward needs the gates [T, B, 4H] and cells [T, B, H] that forward "
               "saves with training=True; got gates ", shape_of(gates), " and cells ",
               shape_of(cells), " (was forward called with training=False?)");
-  for (const auto* t : {&grad_y, &grad_h_n, &grad_c_n, &y}) check_like_x(x, *t, "a gradient");
+  check_like_x(x, grad_y, "grad_y");
+  check_like_x(x, grad_h_n, "grad_h_n");
+  check_like_x(x, grad_c_n, "grad_c_n");
+  check_like_x(x, y, "y");
+  // Half types keep their state in float32.
+  const bool reduced = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const auto saved_dtype = reduced ? at::kFloat : x.scalar_type();
+  TORCH_CHECK(gates.scalar_type() == saved_dtype && cells.scalar_type() == saved_dtype,
+              "lstm_fused: saved gates and cells must have dtype ", saved_dtype, ", got ",
+              gates.scalar_type(), " and ", cells.scalar_type());
   TORCH_CHECK(gates.device() == x.device() && cells.device() == x.device(),
               "lstm_fused: saved gates and cells must be on x's device");
   return s;

@@ -91,6 +91,8 @@ class LSTM(nn.RNNBase):
                     f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, hx, None)
+        if input.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         sequence = input.transpose(0, 1) if self.batch_first else input
         output, h_n, c_n = self._run_layers(sequence, hx, lengths=None)
@@ -158,7 +160,10 @@ def replace_lstm(module: nn.Module) -> nn.Module:
             if id(child) not in converted:  # a module used twice stays shared
                 converted[id(child)] = LSTM.from_torch(child)
             return converted[id(child)]
-        for name, grandchild in list(child.named_children()):
+        # Not named_children(): it lists a module used under two names only once.
+        for name, grandchild in list(child._modules.items()):
+            if grandchild is None:
+                continue
             replacement = convert(grandchild)
             if replacement is not grandchild:
                 setattr(child, name, replacement)

@@ -11,6 +11,23 @@ from . import _extension
 _extension.load()
 
 
+# Half types are computed with float32 state, and saved for backward in float32.
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _saved_dtype(dtype):
+    return torch.float32 if dtype in _REDUCED_PRECISION else dtype
+
+
+def _check_devices(x, *tensors):
+    # The C++ checks do not run under the Meta key, which serves mixed meta/real inputs too.
+    for t in tensors:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(
+                f"lstm_fused: a tensor is on {t.device} but x is on {x.device}; input, state and "
+                "weights must be on one device")
+
+
 def _sizes(x, w_hh, w_hr):
     seq_len, batch = x.shape[0], x.shape[1]
     hidden_size = w_hh.shape[0] // 4
@@ -20,13 +37,15 @@ def _sizes(x, w_hh, w_hr):
 
 @torch.library.register_fake("lstm_fused::forward")
 def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training):
+    _check_devices(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     seq_len, batch, hidden_size, output_size = _sizes(x, w_hh, w_hr)
     y = x.new_empty(seq_len, batch, output_size)
     h_n = x.new_empty(batch, output_size)
     c_n = x.new_empty(batch, hidden_size)
     if training:
-        gates = x.new_empty(seq_len, batch, 4 * hidden_size)
-        cells = x.new_empty(seq_len, batch, hidden_size)
+        saved = dict(dtype=_saved_dtype(x.dtype))
+        gates = x.new_empty(seq_len, batch, 4 * hidden_size, **saved)
+        cells = x.new_empty(seq_len, batch, hidden_size, **saved)
     else:
         gates = x.new_empty(0)
         cells = x.new_empty(0)
@@ -36,6 +55,8 @@ def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, tra
 @torch.library.register_fake("lstm_fused::backward")
 def _backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates,
                    cells, reverse, has_bias):
+    _check_devices(x, grad_y, grad_h_n, grad_c_n, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates,
+                   cells)
     _, _, hidden_size, output_size = _sizes(x, w_hh, w_hr)
     grad_bias = x.new_empty(4 * hidden_size) if has_bias else x.new_empty(0)
     grad_w_hr = x.new_empty(output_size, hidden_size) if w_hr is not None else x.new_empty(0)

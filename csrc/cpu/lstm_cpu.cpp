@@ -140,7 +140,18 @@ void copy_row(T* dst, const T* src, int64_t n) {
 
 void check_cpu_dtype(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "lstm_fused: the CPU kernels support float32 and float64, got ", x.scalar_type());
+              "lstm_fused: the CPU kernels support float32, float64, float16 and bfloat16, got ",
+              x.scalar_type());
+}
+
+bool is_reduced_precision(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
+
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
 }
 
 template <typename scalar_t>
@@ -196,6 +207,13 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
                           const std::optional<at::Tensor>& w_hr,
                           const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
   const LstmSizes s = check_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  if (is_reduced_precision(x)) {  // computed in float32; gates and cells are saved in float32
+    auto [y, h_n, c_n, gates, cells] =
+        forward_cpu(to_float(x), to_float(h0), to_float(c0), to_float(w_ih), to_float(w_hh),
+                    to_float(b_ih), to_float(b_hh), to_float(w_hr), lengths, reverse, training);
+    const auto dtype = x.scalar_type();
+    return {y.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells};
+  }
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const auto options = x.options();
@@ -312,6 +330,15 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                             bool has_bias) {
   const LstmSizes s = check_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
                                           lengths, y, gates, cells);
+  if (is_reduced_precision(x)) {
+    auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = backward_cpu(
+        to_float(grad_y), to_float(grad_h_n), to_float(grad_c_n), to_float(x), to_float(h0),
+        to_float(c0), to_float(w_ih), to_float(w_hh), to_float(w_hr), lengths, to_float(y), gates,
+        cells, reverse, has_bias);
+    const auto dtype = x.scalar_type();
+    return {grad_x.to(dtype), grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih.to(dtype),
+            grad_w_hh.to(dtype), grad_bias.to(dtype), grad_w_hr.to(dtype)};
+  }
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const auto options = x.options();

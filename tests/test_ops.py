@@ -1,0 +1,178 @@
+"""The lstm_fused ops against the float64 reference: values, gradients, opcheck, torch.compile."""
+import copy
+import itertools
+
+import pytest
+import torch
+
+import lstm_fused
+from lstm_fused import lstm, lstm_reference
+
+SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ = 6, 4, 5, 7, 3
+
+
+def make_args(dtype=torch.float64, proj=False, bias=True, requires_grad=True,
+              sizes=(SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ)):
+    seq_len, batch, input_size, hidden_size, proj_size = sizes
+    output_size = proj_size if proj else hidden_size
+
+    def param(*shape):
+        return (torch.randn(*shape, dtype=dtype) * 0.5).requires_grad_(requires_grad)
+
+    x = param(seq_len, batch, input_size)
+    hx = (param(batch, output_size), param(batch, hidden_size))
+    weights = [param(4 * hidden_size, input_size), param(4 * hidden_size, output_size),
+               param(4 * hidden_size) if bias else None, param(4 * hidden_size) if bias else None,
+               param(output_size, hidden_size) if proj else None]
+    return x, hx, weights
+
+
+LENGTHS = torch.tensor([6, 2, 0, 5])  # a full, a short, an empty and an unsorted sequence
+CASES = list(itertools.product([False, True], [False, True], [True, False], [None, LENGTHS]))
+CASE_IDS = [f"{'rev' if r else 'fwd'}-{'proj' if p else 'noproj'}-{'bias' if b else 'nobias'}-"
+            f"{'lengths' if l is not None else 'full'}" for r, p, b, l in CASES]
+
+
+@pytest.mark.parametrize("reverse,proj,bias,lengths", CASES, ids=CASE_IDS)
+def test_matches_float64_reference(reverse, proj, bias, lengths):
+    x, hx, weights = make_args(proj=proj, bias=bias)
+    leaves = [x, *hx] + [w for w in weights if w is not None]
+    results = []
+    for function in (lstm, lstm_reference):
+        output, (h_n, c_n) = function(x, hx, *weights, reverse=reverse, lengths=lengths)
+        loss = (output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)).sum()
+        loss = loss + (h_n * 2).sum() - c_n.sum()
+        results.append([output, h_n, c_n, *torch.autograd.grad(loss, leaves)])
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
+    if lengths is not None:
+        assert results[0][0][:, 2].abs().max() == 0, "outputs past a sequence's end must be zero"
+
+
+@pytest.mark.parametrize("reverse,proj,bias,lengths", CASES, ids=CASE_IDS)
+def test_gradcheck(reverse, proj, bias, lengths):
+    x, hx, weights = make_args(proj=proj, bias=bias, sizes=(6, 4, 3, 4, 2))
+    # Every case in fast mode (a random projection of the Jacobian); the hardest one in full.
+    fast_mode = not (reverse and proj and bias and lengths is not None)
+
+    def function(x, h0, c0, *weights):
+        output, (h_n, c_n) = lstm(x, (h0, c0), *weights, reverse=reverse, lengths=lengths)
+        return output, h_n, c_n
+
+    assert torch.autograd.gradcheck(function, (x, *hx, *weights), atol=1e-8, rtol=1e-6,
+                                    fast_mode=fast_mode)
+
+
+def test_double_backward_raises_a_clear_error():
+    x, hx, weights = make_args()
+    output, _ = lstm(x, hx, *weights)
+    (grad_x,) = torch.autograd.grad(output.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()
+
+
+def test_backward_of_inference_call_raises():
+    x, hx, weights = make_args()
+    outputs = torch.ops.lstm_fused.forward(x, *hx, *weights, None, False, False)
+    with pytest.raises(RuntimeError, match="training=False"):
+        outputs[0].sum().backward()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("proj,lengths", [(False, None), (True, LENGTHS)])
+def test_opcheck(training, proj, lengths):
+    x, hx, weights = make_args(dtype=torch.float32, proj=proj, requires_grad=training)
+    args = (x, *hx, *weights, lengths, False, training)
+    torch.library.opcheck(torch.ops.lstm_fused.forward.default, args)
+    if training:
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fused.forward(*args)
+        grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
+        detached = [t.detach() if t is not None else None for t in (x, *hx, weights[0], weights[1],
+                                                                     weights[4])]
+        backward_args = (*grads, *detached, lengths, y.detach(), gates, cells, True, True)
+        torch.library.opcheck(torch.ops.lstm_fused.backward.default, backward_args)
+
+
+def test_reduced_precision_on_cpu():
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(8, 16, num_layers=2)
+    x = torch.randn(10, 3, 8)
+    expected64, _ = copy.deepcopy(reference).double()(x.double())
+    for dtype in (torch.bfloat16, torch.float16):
+        fused = lstm_fused.LSTM.from_torch(copy.deepcopy(reference)).to(dtype)
+        own_error = (copy.deepcopy(reference).to(dtype)(x.to(dtype))[0].double() - expected64)
+        own_error = own_error.abs().max()
+        output, (h_n, c_n) = fused(x.to(dtype))
+        assert output.dtype == h_n.dtype == c_n.dtype == dtype
+        error = (output.double() - expected64).abs().max()
+        # Computed in float32, so at least as accurate as nn.LSTM in the half type.
+        assert error <= own_error * 2 + 1e-3, (dtype, error.item(), own_error.item())
+        output.float().sum().backward()
+        assert fused.weight_hh_l0.grad.dtype == dtype
+        assert torch.isfinite(fused.weight_hh_l0.grad).all()
+
+
+def test_deterministic():
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        x, hx, weights = make_args(dtype=torch.float32, proj=True, lengths=LENGTHS)
+        output, (h_n, c_n) = lstm(x, hx, *weights, lengths=LENGTHS)
+        grads = torch.autograd.grad(output.sum() + h_n.sum() + c_n.sum(), [x, *hx, weights[0]])
+        results.append([output, h_n, c_n, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_every_output_element_is_written():
+    # Fill freshly freed memory with NaN: an element the op forgets to write would show it.
+    for _ in range(3):
+        poison = torch.full((1 << 20,), float("nan"))
+        del poison
+        x, hx, weights = make_args(dtype=torch.float32, proj=True)
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fused.forward(x, *hx, *weights, LENGTHS, True, True)
+        for t in (y, h_n, c_n, gates, cells):
+            assert torch.isfinite(t).all()
+        grads = torch.ops.lstm_fused.backward(
+            torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n), x.detach(),
+            hx[0].detach(), hx[1].detach(), weights[0].detach(), weights[1].detach(),
+            weights[4].detach(), LENGTHS, y, gates, cells, False, True)
+        for t in grads:
+            assert torch.isfinite(t).all()
+
+
+def test_non_contiguous_and_expanded_inputs():
+    x, hx, weights = make_args(dtype=torch.float32, requires_grad=False)
+    expected = lstm(x, hx, *weights)
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)
+    h0_expanded = hx[0][:1].expand(BATCH, -1)
+    w_ih_strided = weights[0].t().contiguous().t()
+    strided = lstm(x_strided, (h0_expanded, hx[1]), w_ih_strided, *weights[1:])
+    contiguous = lstm(x, (h0_expanded.contiguous(), hx[1]), *weights)
+    torch.testing.assert_close(strided[0], contiguous[0])
+    torch.testing.assert_close(lstm(x_strided, hx, w_ih_strided, *weights[1:])[0], expected[0])
+
+
+def test_empty_sequence_returns_initial_state_copies():
+    x, hx, weights = make_args(requires_grad=False)
+    output, (h_n, c_n) = lstm(x[:0], hx, *weights)
+    assert output.shape == (0, BATCH, HIDDEN)
+    assert torch.equal(h_n, hx[0]) and torch.equal(c_n, hx[1])
+    assert h_n.data_ptr() != hx[0].data_ptr(), "outputs must not alias inputs"
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = lstm_fused.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    expected, (h_e, c_e) = model(x)
+    grads_e = torch.autograd.grad(expected.sum() + h_e.sum() + c_e.sum(), [x, *model.parameters()])
+    actual, (h_a, c_a) = compiled(x)
+    grads_a = torch.autograd.grad(actual.sum() + h_a.sum() + c_a.sum(), [x, *model.parameters()])
+    for a, e in zip([actual, h_a, c_a, *grads_a], [expected, h_e, c_e, *grads_e]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], expected)
