@@ -34,8 +34,9 @@ def _jit_build() -> None:
     cpp_extension.load(
         name="lstm_fused_jit_cuda" if with_cuda else "lstm_fused_jit",
         sources=sources + (cuda_sources if with_cuda else []),
-        extra_cflags=["-O3", "-std=c++17"] + (["-DLSTM_FUSED_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+        extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno"]
+        + (["-DLSTM_FUSED_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=["-O3", "--use_fast_math"],
         with_cuda=with_cuda,
         is_python_module=False,
     )

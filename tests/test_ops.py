@@ -116,7 +116,7 @@ def test_deterministic():
     results = []
     for _ in range(2):
         torch.manual_seed(3)
-        x, hx, weights = make_args(dtype=torch.float32, proj=True, lengths=LENGTHS)
+        x, hx, weights = make_args(dtype=torch.float32, proj=True)
         output, (h_n, c_n) = lstm(x, hx, *weights, lengths=LENGTHS)
         grads = torch.autograd.grad(output.sum() + h_n.sum() + c_n.sum(), [x, *hx, weights[0]])
         results.append([output, h_n, c_n, *grads])

@@ -25,9 +25,15 @@ namespace {
 #else
 #define LSTM_FUSED_SIMD_CLONES
 #endif
+// Inlined into each clone, so that the loops are vectorised for that clone's instruction set.
+#if defined(__GNUC__)
+#define LSTM_FUSED_INLINE inline __attribute__((always_inline))
+#else
+#define LSTM_FUSED_INLINE inline
+#endif
 
 // exp written with plain arithmetic (Cephes expf, within 2 ulp) so that loops over it vectorise.
-inline float exp_f32(float x) {
+LSTM_FUSED_INLINE float exp_f32(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
@@ -46,10 +52,10 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+LSTM_FUSED_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 // Cephes tanhf: an odd polynomial near zero, (1 - e^{-2|x|}) / (1 + e^{-2|x|}) elsewhere.
-inline float tanh_(float x) {
+LSTM_FUSED_INLINE float tanh_(float x) {
   const float ax = std::fabs(x);
   const float z = x * x;
   float p = -5.70498872745e-3f;
@@ -64,12 +70,12 @@ inline float tanh_(float x) {
   return ax < 0.625f ? near_zero : far;
 }
 
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-inline double tanh_(double x) { return std::tanh(x); }
+LSTM_FUSED_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+LSTM_FUSED_INLINE double tanh_(double x) { return std::tanh(x); }
 
 // One row of the forward update. gates: [4H] pre-activations in, activations out.
 template <typename T>
-inline void forward_row_impl(int64_t H, T* __restrict gates, const T* __restrict c_prev,
+LSTM_FUSED_INLINE void forward_row_impl(int64_t H, T* __restrict gates, const T* __restrict c_prev,
                              T* __restrict c_next, T* __restrict hidden) {
   for (int64_t j = 0; j < H; ++j) {
     const T i = sigmoid(gates[j]);
@@ -86,25 +92,48 @@ inline void forward_row_impl(int64_t H, T* __restrict gates, const T* __restrict
   }
 }
 
-// One row of the backward update. grad_hidden (+ grad_hidden_extra when given) is dL/d(o*tanh c);
-// writes the pre-activation gate gradients, dL/dc_{t-1} and, when hidden is given, o * tanh(c).
-template <typename T>
-inline void backward_row_impl(int64_t H, const T* __restrict gates, const T* __restrict cell,
-                              const T* __restrict c_prev, const T* __restrict grad_hidden,
-                              const T* __restrict grad_hidden_extra,
-                              const T* __restrict grad_c_next, T* __restrict grad_gates,
-                              T* __restrict grad_c_prev, T* __restrict hidden) {
+// One row of the backward update. dL/d(o*tanh c) is grad_hidden, plus grad_hidden_extra when
+// kTwoGradients; writes the pre-activation gate gradients, dL/dc_{t-1} and, when kWriteHidden,
+// o * tanh(c). The choices are template arguments so that the loop has no branches.
+template <typename T, bool kTwoGradients, bool kWriteHidden>
+LSTM_FUSED_INLINE void backward_row_impl(int64_t H, const T* __restrict gates,
+                                         const T* __restrict cell, const T* __restrict c_prev,
+                                         const T* __restrict grad_hidden,
+                                         const T* __restrict grad_hidden_extra,
+                                         const T* __restrict grad_c_next,
+                                         T* __restrict grad_gates, T* __restrict grad_c_prev,
+                                         T* __restrict hidden) {
   for (int64_t j = 0; j < H; ++j) {
     const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
     const T tc = tanh_(cell[j]);
-    const T dh = grad_hidden_extra ? grad_hidden[j] + grad_hidden_extra[j] : grad_hidden[j];
+    const T dh = kTwoGradients ? grad_hidden[j] + grad_hidden_extra[j] : grad_hidden[j];
     const T dc = grad_c_next[j] + dh * o * (T(1) - tc * tc);
     grad_gates[j] = dc * g * i * (T(1) - i);
     grad_gates[H + j] = dc * c_prev[j] * f * (T(1) - f);
     grad_gates[2 * H + j] = dc * i * (T(1) - g * g);
     grad_gates[3 * H + j] = dh * tc * o * (T(1) - o);
     grad_c_prev[j] = dc * f;
-    if (hidden) hidden[j] = o * tc;
+    if (kWriteHidden) hidden[j] = o * tc;
+  }
+}
+
+template <typename T>
+LSTM_FUSED_INLINE void backward_row_dispatch(int64_t H, const T* gates, const T* cell,
+                                             const T* c_prev, const T* grad_hidden,
+                                             const T* grad_hidden_extra, const T* grad_c_next,
+                                             T* grad_gates, T* grad_c_prev, T* hidden) {
+  if (grad_hidden_extra && hidden) {
+    backward_row_impl<T, true, true>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                                     grad_c_next, grad_gates, grad_c_prev, hidden);
+  } else if (grad_hidden_extra) {
+    backward_row_impl<T, true, false>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                                      grad_c_next, grad_gates, grad_c_prev, hidden);
+  } else if (hidden) {
+    backward_row_impl<T, false, true>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                                      grad_c_next, grad_gates, grad_c_prev, hidden);
+  } else {
+    backward_row_impl<T, false, false>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                                       grad_c_next, grad_gates, grad_c_prev, hidden);
   }
 }
 
@@ -119,15 +148,15 @@ LSTM_FUSED_SIMD_CLONES
 void backward_row(int64_t H, const float* gates, const float* cell, const float* c_prev,
                   const float* grad_hidden, const float* grad_hidden_extra,
                   const float* grad_c_next, float* grad_gates, float* grad_c_prev, float* hidden) {
-  backward_row_impl<float>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra, grad_c_next,
-                           grad_gates, grad_c_prev, hidden);
+  backward_row_dispatch<float>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                               grad_c_next, grad_gates, grad_c_prev, hidden);
 }
 void backward_row(int64_t H, const double* gates, const double* cell, const double* c_prev,
                   const double* grad_hidden, const double* grad_hidden_extra,
                   const double* grad_c_next, double* grad_gates, double* grad_c_prev,
                   double* hidden) {
-  backward_row_impl<double>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra, grad_c_next,
-                            grad_gates, grad_c_prev, hidden);
+  backward_row_dispatch<double>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                                grad_c_next, grad_gates, grad_c_prev, hidden);
 }
 
 // Rows per task so that one task has enough elementwise work to be worth a thread.
