@@ -73,11 +73,13 @@ LSTM_FUSED_INLINE float tanh_(float x) {
 LSTM_FUSED_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 LSTM_FUSED_INLINE double tanh_(double x) { return std::tanh(x); }
 
-// One row of the forward update. gates: [4H] pre-activations in, activations out.
+// Hidden units [j0, j1) of one row of the forward update. gates: [4H] pre-activations in,
+// activations out; c_prev, c_next, hidden: [H].
 template <typename T>
-LSTM_FUSED_INLINE void forward_row_impl(int64_t H, T* __restrict gates, const T* __restrict c_prev,
-                             T* __restrict c_next, T* __restrict hidden) {
-  for (int64_t j = 0; j < H; ++j) {
+LSTM_FUSED_INLINE void forward_row_impl(int64_t H, int64_t j0, int64_t j1, T* __restrict gates,
+                                        const T* __restrict c_prev, T* __restrict c_next,
+                                        T* __restrict hidden) {
+  for (int64_t j = j0; j < j1; ++j) {
     const T i = sigmoid(gates[j]);
     const T f = sigmoid(gates[H + j]);
     const T g = tanh_(gates[2 * H + j]);
@@ -92,18 +94,20 @@ LSTM_FUSED_INLINE void forward_row_impl(int64_t H, T* __restrict gates, const T*
   }
 }
 
-// One row of the backward update. dL/d(o*tanh c) is grad_hidden, plus grad_hidden_extra when
-// kTwoGradients; writes the pre-activation gate gradients, dL/dc_{t-1} and, when kWriteHidden,
-// o * tanh(c). The choices are template arguments so that the loop has no branches.
+// Hidden units [j0, j1) of one row of the backward update. dL/d(o*tanh c) is grad_hidden, plus
+// grad_hidden_extra when kTwoGradients; writes the pre-activation gate gradients [4H],
+// dL/dc_{t-1} and, when kWriteHidden, o * tanh(c). The choices are template arguments so that the
+// loop has no branches.
 template <typename T, bool kTwoGradients, bool kWriteHidden>
-LSTM_FUSED_INLINE void backward_row_impl(int64_t H, const T* __restrict gates,
-                                         const T* __restrict cell, const T* __restrict c_prev,
+LSTM_FUSED_INLINE void backward_row_impl(int64_t H, int64_t j0, int64_t j1,
+                                         const T* __restrict gates, const T* __restrict cell,
+                                         const T* __restrict c_prev,
                                          const T* __restrict grad_hidden,
                                          const T* __restrict grad_hidden_extra,
                                          const T* __restrict grad_c_next,
                                          T* __restrict grad_gates, T* __restrict grad_c_prev,
                                          T* __restrict hidden) {
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
     const T tc = tanh_(cell[j]);
     const T dh = kTwoGradients ? grad_hidden[j] + grad_hidden_extra[j] : grad_hidden[j];
@@ -118,49 +122,144 @@ LSTM_FUSED_INLINE void backward_row_impl(int64_t H, const T* __restrict gates,
 }
 
 template <typename T>
-LSTM_FUSED_INLINE void backward_row_dispatch(int64_t H, const T* gates, const T* cell,
-                                             const T* c_prev, const T* grad_hidden,
-                                             const T* grad_hidden_extra, const T* grad_c_next,
-                                             T* grad_gates, T* grad_c_prev, T* hidden) {
+LSTM_FUSED_INLINE void backward_row_dispatch(int64_t H, int64_t j0, int64_t j1, const T* gates,
+                                             const T* cell, const T* c_prev,
+                                             const T* grad_hidden, const T* grad_hidden_extra,
+                                             const T* grad_c_next, T* grad_gates,
+                                             T* grad_c_prev, T* hidden) {
   if (grad_hidden_extra && hidden) {
-    backward_row_impl<T, true, true>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                                     grad_c_next, grad_gates, grad_c_prev, hidden);
+    backward_row_impl<T, true, true>(H, j0, j1, gates, cell, c_prev, grad_hidden,
+                                     grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
+                                     hidden);
   } else if (grad_hidden_extra) {
-    backward_row_impl<T, true, false>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                                      grad_c_next, grad_gates, grad_c_prev, hidden);
+    backward_row_impl<T, true, false>(H, j0, j1, gates, cell, c_prev, grad_hidden,
+                                      grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
+                                      hidden);
   } else if (hidden) {
-    backward_row_impl<T, false, true>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                                      grad_c_next, grad_gates, grad_c_prev, hidden);
+    backward_row_impl<T, false, true>(H, j0, j1, gates, cell, c_prev, grad_hidden,
+                                      grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
+                                      hidden);
   } else {
-    backward_row_impl<T, false, false>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                                       grad_c_next, grad_gates, grad_c_prev, hidden);
+    backward_row_impl<T, false, false>(H, j0, j1, gates, cell, c_prev, grad_hidden,
+                                       grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
+                                       hidden);
   }
 }
 
-LSTM_FUSED_SIMD_CLONES
-void forward_row(int64_t H, float* gates, const float* c_prev, float* c_next, float* hidden) {
-  forward_row_impl<float>(H, gates, c_prev, c_next, hidden);
-}
-void forward_row(int64_t H, double* gates, const double* c_prev, double* c_next, double* hidden) {
-  forward_row_impl<double>(H, gates, c_prev, c_next, hidden);
-}
-LSTM_FUSED_SIMD_CLONES
-void backward_row(int64_t H, const float* gates, const float* cell, const float* c_prev,
-                  const float* grad_hidden, const float* grad_hidden_extra,
-                  const float* grad_c_next, float* grad_gates, float* grad_c_prev, float* hidden) {
-  backward_row_dispatch<float>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                               grad_c_next, grad_gates, grad_c_prev, hidden);
-}
-void backward_row(int64_t H, const double* gates, const double* cell, const double* c_prev,
-                  const double* grad_hidden, const double* grad_hidden_extra,
-                  const double* grad_c_next, double* grad_gates, double* grad_c_prev,
-                  double* hidden) {
-  backward_row_dispatch<double>(H, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                                grad_c_next, grad_gates, grad_c_prev, hidden);
+// The recurrent part of the four gates of hidden units [j0, j1), for rows b < B:
+//   gates[b, q*H + j] += sum_k h[b, k] * w_cols[k, q*H + j]
+// h: [B, P]; w_cols: [P, 4H] (W_hh transposed); gates: [B, 4H]. A thread that owns a range of
+// units reads only its columns of W_hh, which stay in its core's cache from step to step.
+template <typename T>
+LSTM_FUSED_INLINE void recurrent_gates_impl(int64_t B, int64_t H, int64_t P, int64_t j0,
+                                            int64_t j1, const T* __restrict h,
+                                            const T* __restrict w_cols, T* __restrict gates) {
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* h_b = h + b * P;
+    for (int64_t q = 0; q < 4; ++q) {
+      T* out = gates + b * G + q * H;
+      const T* w = w_cols + q * H;
+      int64_t k = 0;
+      for (; k + 4 <= P; k += 4) {
+        const T h0 = h_b[k], h1 = h_b[k + 1], h2 = h_b[k + 2], h3 = h_b[k + 3];
+        const T* w0 = w + k * G;
+        const T* w1 = w0 + G;
+        const T* w2 = w1 + G;
+        const T* w3 = w2 + G;
+        for (int64_t j = j0; j < j1; ++j) {
+          out[j] += (h0 * w0[j] + h1 * w1[j]) + (h2 * w2[j] + h3 * w3[j]);
+        }
+      }
+      for (; k < P; ++k) {
+        const T h_k = h_b[k];
+        const T* w_k = w + k * G;
+        for (int64_t j = j0; j < j1; ++j) out[j] += h_k * w_k[j];
+      }
+    }
+  }
 }
 
-// Rows per task so that one task has enough elementwise work to be worth a thread.
-int64_t row_grain(int64_t hidden_size) { return std::max<int64_t>(1, 16384 / (4 * hidden_size)); }
+// Columns [k0, k1) of dL/dh_{t-1} for rows b < B:  grad_h[b, k] = sum_n grad_gates[b, n] * w[n, k]
+// grad_gates: [B, G = 4H]; w: [G, P] (W_hh); grad_h: [B, P].
+template <typename T>
+LSTM_FUSED_INLINE void hidden_grad_impl(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1,
+                                        const T* __restrict grad_gates, const T* __restrict w,
+                                        T* __restrict grad_h) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* dg = grad_gates + b * G;
+    T* out = grad_h + b * P;
+    for (int64_t k = k0; k < k1; ++k) out[k] = T(0);
+    int64_t n = 0;
+    for (; n + 4 <= G; n += 4) {
+      const T d0 = dg[n], d1 = dg[n + 1], d2 = dg[n + 2], d3 = dg[n + 3];
+      const T* w0 = w + n * P;
+      const T* w1 = w0 + P;
+      const T* w2 = w1 + P;
+      const T* w3 = w2 + P;
+      for (int64_t k = k0; k < k1; ++k) {
+        out[k] += (d0 * w0[k] + d1 * w1[k]) + (d2 * w2[k] + d3 * w3[k]);
+      }
+    }
+    for (; n < G; ++n) {
+      const T d = dg[n];
+      const T* w_n = w + n * P;
+      for (int64_t k = k0; k < k1; ++k) out[k] += d * w_n[k];
+    }
+  }
+}
+
+// float: compiled for AVX2 and for the baseline; double: the baseline only.
+LSTM_FUSED_SIMD_CLONES
+void forward_row(int64_t H, int64_t j0, int64_t j1, float* gates, const float* c_prev,
+                 float* c_next, float* hidden) {
+  forward_row_impl<float>(H, j0, j1, gates, c_prev, c_next, hidden);
+}
+void forward_row(int64_t H, int64_t j0, int64_t j1, double* gates, const double* c_prev,
+                 double* c_next, double* hidden) {
+  forward_row_impl<double>(H, j0, j1, gates, c_prev, c_next, hidden);
+}
+LSTM_FUSED_SIMD_CLONES
+void backward_row(int64_t H, int64_t j0, int64_t j1, const float* gates, const float* cell,
+                  const float* c_prev, const float* grad_hidden, const float* grad_hidden_extra,
+                  const float* grad_c_next, float* grad_gates, float* grad_c_prev, float* hidden) {
+  backward_row_dispatch<float>(H, j0, j1, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                               grad_c_next, grad_gates, grad_c_prev, hidden);
+}
+void backward_row(int64_t H, int64_t j0, int64_t j1, const double* gates, const double* cell,
+                  const double* c_prev, const double* grad_hidden,
+                  const double* grad_hidden_extra, const double* grad_c_next, double* grad_gates,
+                  double* grad_c_prev, double* hidden) {
+  backward_row_dispatch<double>(H, j0, j1, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
+                                grad_c_next, grad_gates, grad_c_prev, hidden);
+}
+LSTM_FUSED_SIMD_CLONES
+void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t j0, int64_t j1, const float* h,
+                     const float* w_cols, float* gates) {
+  recurrent_gates_impl<float>(B, H, P, j0, j1, h, w_cols, gates);
+}
+void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t j0, int64_t j1, const double* h,
+                     const double* w_cols, double* gates) {
+  recurrent_gates_impl<double>(B, H, P, j0, j1, h, w_cols, gates);
+}
+LSTM_FUSED_SIMD_CLONES
+void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1, const float* grad_gates,
+                 const float* w, float* grad_h) {
+  hidden_grad_impl<float>(B, G, P, k0, k1, grad_gates, w, grad_h);
+}
+void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1,
+                 const double* grad_gates, const double* w, double* grad_h) {
+  hidden_grad_impl<double>(B, G, P, k0, k1, grad_gates, w, grad_h);
+}
+
+// Up to this batch size each step's recurrent product is computed by the fused kernels above,
+// split by hidden unit across threads; beyond it, by a GEMM (MKL/OpenBLAS through ATen).
+constexpr int64_t kFusedRecurrenceMaxBatch = 4;
+
+// Items per task so that one task has about `work` multiply-adds or elementwise updates.
+int64_t grain(int64_t work_per_item, int64_t work = 32768) {
+  return std::max<int64_t>(1, work / std::max<int64_t>(1, work_per_item));
+}
 
 template <typename T>
 void copy_row(T* dst, const T* src, int64_t n) {
@@ -190,33 +289,45 @@ void forward_steps(const LstmSizes& s, at::Tensor& gates, at::Tensor& y, at::Ten
                    const int64_t* lengths, bool reverse) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const bool has_proj = w_hr.has_value();
+  const bool fused_recurrence = B <= kFusedRecurrenceMaxBatch;
   const at::Tensor w_hh_t = w_hh.t();
+  const at::Tensor w_hh_cols = fused_recurrence ? w_hh_t.contiguous() : at::Tensor();  // [P, 4H]
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
   // With a projection the fused pass writes o * tanh(c) here and a GEMM maps it to y[t].
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
+  const int64_t out_stride = has_proj ? H : P;
   at::Tensor h_prev = h0;
   const scalar_t* c_prev = c0.data_ptr<scalar_t>();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
     at::Tensor gates_t = gates.select(0, t);
-    gates_t.addmm_(h_prev, w_hh_t);
     at::Tensor y_t = y.select(0, t);
     scalar_t* g = gates_t.data_ptr<scalar_t>();
-    scalar_t* c_next = training ? cells.select(0, t).data_ptr<scalar_t>()
-                                : cells.select(0, step % 2).data_ptr<scalar_t>();
+    scalar_t* c_next = cells.select(0, training ? t : step % 2).data_ptr<scalar_t>();
     scalar_t* out = has_proj ? hidden.data_ptr<scalar_t>() : y_t.data_ptr<scalar_t>();
-    const int64_t out_stride = has_proj ? H : P;
     const scalar_t* h_prev_data = h_prev.data_ptr<scalar_t>();
-    at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        if (lengths && t >= lengths[b]) {  // past the end of sequence b: carry the state
-          copy_row(c_next + b * H, c_prev + b * H, H);
-          if (!has_proj) copy_row(out + b * P, h_prev_data + b * P, P);
-          continue;
-        }
-        forward_row(H, g + b * 4 * H, c_prev + b * H, c_next + b * H, out + b * out_stride);
+    // Units [j0, j1) of row b: the cell update, or past the end of sequence b, the carried state.
+    auto update = [&](int64_t b, int64_t j0, int64_t j1) {
+      if (lengths && t >= lengths[b]) {
+        copy_row(c_next + b * H + j0, c_prev + b * H + j0, j1 - j0);
+        if (!has_proj) copy_row(out + b * P + j0, h_prev_data + b * P + j0, j1 - j0);
+        return;
       }
-    });
+      forward_row(H, j0, j1, g + b * 4 * H, c_prev + b * H, c_next + b * H,
+                  out + b * out_stride);
+    };
+    if (fused_recurrence) {
+      const scalar_t* w = w_hh_cols.data_ptr<scalar_t>();
+      at::parallel_for(0, H, grain(4 * P * B), [&](int64_t j0, int64_t j1) {
+        recurrent_gates(B, H, P, j0, j1, h_prev_data, w, g);
+        for (int64_t b = 0; b < B; ++b) update(b, j0, j1);
+      });
+    } else {
+      gates_t.addmm_(h_prev, w_hh_t);
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) update(b, 0, H);
+      });
+    }
     if (has_proj) {
       at::mm_out(y_t, hidden, w_hr_t);
       scalar_t* y_data = y_t.data_ptr<scalar_t>();
@@ -293,6 +404,8 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
   const bool has_proj = w_hr.has_value();
   at::Tensor grad_h_next = at::empty_like(grad_h), grad_c_next = at::empty_like(grad_c);
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, grad_h.options()) : at::Tensor();
+  const bool fused_recurrence = B <= kFusedRecurrenceMaxBatch;
+  const scalar_t* w = w_hh.data_ptr<scalar_t>();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? step : T - 1 - step;
     const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
@@ -322,20 +435,36 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
     scalar_t* dg = grad_gates_t.data_ptr<scalar_t>();
     scalar_t* hidden = has_proj ? hidden_all.select(0, t).data_ptr<scalar_t>() : nullptr;
     const int64_t main_stride = has_proj ? H : P;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        if (lengths && t >= lengths[b]) {  // a carried step: gradients pass through unchanged
-          std::fill_n(dg + b * 4 * H, 4 * H, scalar_t(0));
-          copy_row(dc_out + b * H, dc_in + b * H, H);
-          if (hidden) std::fill_n(hidden + b * H, H, scalar_t(0));
-          continue;
+    // Units [j0, j1) of row b: gate gradients, or for a carried step, gradients passed through.
+    auto update = [&](int64_t b, int64_t j0, int64_t j1) {
+      if (lengths && t >= lengths[b]) {
+        for (int64_t q = 0; q < 4; ++q) {
+          scalar_t* gate = dg + b * 4 * H + q * H;
+          std::fill(gate + j0, gate + j1, scalar_t(0));
         }
-        backward_row(H, g + b * 4 * H, cell + b * H, c_prev + b * H, grad_main + b * main_stride,
-                     grad_extra ? grad_extra + b * P : nullptr, dc_in + b * H, dg + b * 4 * H,
-                     dc_out + b * H, hidden ? hidden + b * H : nullptr);
+        copy_row(dc_out + b * H + j0, dc_in + b * H + j0, j1 - j0);
+        if (hidden) std::fill(hidden + b * H + j0, hidden + b * H + j1, scalar_t(0));
+        return;
       }
-    });
-    at::mm_out(grad_h_next, grad_gates_t, w_hh);
+      backward_row(H, j0, j1, g + b * 4 * H, cell + b * H, c_prev + b * H,
+                   grad_main + b * main_stride, grad_extra ? grad_extra + b * P : nullptr,
+                   dc_in + b * H, dg + b * 4 * H, dc_out + b * H,
+                   hidden ? hidden + b * H : nullptr);
+    };
+    if (fused_recurrence) {
+      at::parallel_for(0, H, grain(4 * B), [&](int64_t j0, int64_t j1) {
+        for (int64_t b = 0; b < B; ++b) update(b, j0, j1);
+      });
+      scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
+      at::parallel_for(0, P, grain(4 * H * B), [&](int64_t k0, int64_t k1) {
+        hidden_grad(B, 4 * H, P, k0, k1, dg, w, dh_out);
+      });
+    } else {
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) update(b, 0, H);
+      });
+      at::mm_out(grad_h_next, grad_gates_t, w_hh);
+    }
     if (lengths) {
       scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
       const scalar_t* dh_in = grad_h.data_ptr<scalar_t>();
@@ -382,7 +511,8 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   const int64_t* lengths_data = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_fused_backward_cpu", [&] {
-    backward_steps<scalar_t>(s, grad_y.contiguous(), grad_h, grad_c, c0.contiguous(), w_hh, w_hr,
+    backward_steps<scalar_t>(s, grad_y.contiguous(), grad_h, grad_c, c0.contiguous(),
+                             w_hh.contiguous(), w_hr,
                              gates.contiguous(), cells.contiguous(), lengths_data, reverse,
                              grad_gates, grad_proj_out, hidden_all);
   });
