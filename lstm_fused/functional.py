@@ -7,6 +7,15 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers the ops)
 
 
+def _autocast(*tensors):
+    """Under autocast for the input's device, the op runs in the autocast dtype, as nn.LSTM does."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -45,6 +54,8 @@ def lstm(
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             raise TypeError("lstm_fused.lstm: hx must be a pair (h_0, c_0) of tensors or None")
         h0, c0 = hx
+    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = _autocast(
+        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     training = _needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     output, h_n, c_n, _, _ = torch.ops.lstm_fused.forward(
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse, training)

@@ -118,6 +118,19 @@ def test_reduced_precision_on_cpu():
         assert torch.isfinite(fused.weight_hh_l0.grad).all()
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    model = lstm_fused.LSTM(8, 16, num_layers=2)
+    x = torch.randn(10, 3, 8)
+    expected, _ = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, (h_n, c_n) = model(x)
+    assert output.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, atol=5e-2, rtol=5e-2)
+    output.float().sum().backward()
+    assert model.weight_ih_l0.grad.dtype == torch.float32  # gradients flow back to the fp32 master
+
+
 def test_deterministic():
     results = []
     for _ in range(2):
