@@ -1,6 +1,7 @@
 """The lstm_fused ops against the float64 reference: values, gradients, opcheck, torch.compile."""
 import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -35,18 +36,21 @@ CASE_IDS = [f"{'rev' if r else 'fwd'}-{'proj' if p else 'noproj'}-{'bias' if b e
             f"{'lengths' if l is not None else 'full'}" for r, p, b, l in CASES]
 
 
+@pytest.mark.parametrize("path", ["auto"] + lstm_fused.available_paths("cpu"))
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("reverse,proj,bias,lengths", CASES, ids=CASE_IDS)
-def test_matches_float64_reference(reverse, proj, bias, lengths, batch):
+def test_matches_float64_reference(reverse, proj, bias, lengths, batch, path):
     x, hx, weights = make_args(proj=proj, bias=bias, sizes=(SEQ_LEN, batch, INPUT, HIDDEN, PROJ))
     lengths = None if lengths is None else BATCHES[batch]
     leaves = [x, *hx] + [w for w in weights if w is not None]
     results = []
     for function in (lstm, lstm_reference):
-        output, (h_n, c_n) = function(x, hx, *weights, reverse=reverse, lengths=lengths)
+        with lstm_fused.force_path(path):
+            output, (h_n, c_n) = function(x, hx, *weights, reverse=reverse, lengths=lengths)
         loss = (output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)).sum()
         loss = loss + (h_n * 2).sum() - c_n.sum()
-        results.append([output, h_n, c_n, *torch.autograd.grad(loss, leaves)])
+        with lstm_fused.force_path(path):
+            results.append([output, h_n, c_n, *torch.autograd.grad(loss, leaves)])
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
     if lengths is not None:
@@ -67,6 +71,20 @@ def test_gradcheck(reverse, proj, bias, lengths, batch):
 
     assert torch.autograd.gradcheck(function, (x, *hx, *weights), atol=1e-8, rtol=1e-6,
                                     fast_mode=fast_mode)
+
+
+def test_force_path_validates_and_restores(monkeypatch):
+    monkeypatch.delenv("LSTM_FUSED_PATH", raising=False)
+    with pytest.raises(ValueError, match="unknown path 'fastest'"):
+        with lstm_fused.force_path("fastest"):
+            pass
+    with lstm_fused.force_path("gemm"):
+        assert os.environ["LSTM_FUSED_PATH"] == "gemm"
+    assert "LSTM_FUSED_PATH" not in os.environ
+    monkeypatch.setenv("LSTM_FUSED_PATH", "bogus")
+    x, hx, weights = make_args(requires_grad=False)
+    with pytest.raises(RuntimeError, match="LSTM_FUSED_PATH must be auto, fused or gemm"):
+        lstm(x, hx, *weights)
 
 
 def test_double_backward_raises_a_clear_error():

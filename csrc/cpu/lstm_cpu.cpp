@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace lstm_fused {
@@ -252,9 +253,22 @@ void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1,
   hidden_grad_impl<double>(B, G, P, k0, k1, grad_gates, w, grad_h);
 }
 
-// Up to this batch size each step's recurrent product is computed by the fused kernels above,
-// split by hidden unit across threads; beyond it, by a GEMM (MKL/OpenBLAS through ATen).
+// The one place that picks the CPU path for each step's recurrent product:
+//   "fused": our kernels above, split by hidden unit across threads (the default up to batch 4);
+//   "gemm":  one GEMM per step (MKL/OpenBLAS through ATen), then the fused elementwise pass.
+// The environment variable LSTM_FUSED_PATH forces one (lstm_fused.force_path sets it).
 constexpr int64_t kFusedRecurrenceMaxBatch = 4;
+
+bool use_fused_recurrence(int64_t batch) {
+  const char* forced = std::getenv("LSTM_FUSED_PATH");
+  if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) {
+    return batch <= kFusedRecurrenceMaxBatch;
+  }
+  if (std::strcmp(forced, "fused") == 0) return true;
+  if (std::strcmp(forced, "gemm") == 0) return false;
+  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_PATH must be auto, fused or gemm on the CPU, got '",
+              forced, "'");
+}
 
 // Items per task so that one task has about `work` multiply-adds or elementwise updates.
 int64_t grain(int64_t work_per_item, int64_t work = 32768) {
@@ -289,7 +303,7 @@ void forward_steps(const LstmSizes& s, at::Tensor& gates, at::Tensor& y, at::Ten
                    const int64_t* lengths, bool reverse) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const bool has_proj = w_hr.has_value();
-  const bool fused_recurrence = B <= kFusedRecurrenceMaxBatch;
+  const bool fused_recurrence = use_fused_recurrence(B);
   const at::Tensor w_hh_t = w_hh.t();
   const at::Tensor w_hh_cols = fused_recurrence ? w_hh_t.contiguous() : at::Tensor();  // [P, 4H]
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
@@ -404,7 +418,7 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
   const bool has_proj = w_hr.has_value();
   at::Tensor grad_h_next = at::empty_like(grad_h), grad_c_next = at::empty_like(grad_c);
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, grad_h.options()) : at::Tensor();
-  const bool fused_recurrence = B <= kFusedRecurrenceMaxBatch;
+  const bool fused_recurrence = use_fused_recurrence(B);
   const scalar_t* w = w_hh.data_ptr<scalar_t>();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? step : T - 1 - step;

@@ -1,0 +1,38 @@
+"""Which kernel path computes the recurrence, for tests and benchmarks that compare them."""
+import contextlib
+import os
+from typing import Iterator, List, Union
+
+import torch
+
+_VARIABLE = "LSTM_FUSED_PATH"
+_PATHS = {
+    # fused: our own kernel, each thread owns a range of hidden units (default up to batch 4)
+    # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 4)
+    "cpu": ["fused", "gemm"],
+}
+
+
+def available_paths(device: Union[str, torch.device]) -> List[str]:
+    """The kernel paths lstm_fused has on this kind of device, each of which force_path accepts."""
+    return list(_PATHS.get(torch.device(device).type, []))
+
+
+@contextlib.contextmanager
+def force_path(name: str) -> Iterator[None]:
+    """Within the block, every lstm_fused op uses the path `name` (or "auto": the default choice).
+
+    Sets the environment variable LSTM_FUSED_PATH, which the C++ dispatch reads on every call.
+    """
+    known = {"auto"}.union(*_PATHS.values())
+    if name not in known:
+        raise ValueError(f"lstm_fused.force_path: unknown path {name!r}; known: {sorted(known)}")
+    previous = os.environ.get(_VARIABLE)
+    os.environ[_VARIABLE] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_VARIABLE]
+        else:
+            os.environ[_VARIABLE] = previous
