@@ -11,6 +11,7 @@ Environment variables:
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -46,9 +47,17 @@ def sources(*patterns):
     return found
 
 
+
 # torch's own flags for its kernels: no value changes, but comparisons may be if-converted, so
 # that the CPU row loops vectorise. The C++ standard is left to torch's build helper.
 cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
+link_flags = []
+if sys.platform.startswith("linux"):
+    # at::parallel_for is OpenMP inlined into our code: without -fopenmp it runs serially. The
+    # loader reuses the libgomp.so.1 that torch has already loaded, so torch.set_num_threads
+    # governs our threads too.
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 cuda = use_cuda() and bool(sources("cuda/*.cu"))
 if cuda:
     archs = os.environ.get("LSTM_FUSED_CUDA_ARCHS")
@@ -63,12 +72,14 @@ if cuda:
         sources("*.cpp", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"),
         define_macros=[("LSTM_FUSED_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=link_flags,
     )
 else:
     extension = CppExtension(
         "lstm_fused._C",
         sources("*.cpp", "cpu/*.cpp"),
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(

@@ -1,6 +1,7 @@
 """Loads the compiled ops: the installed lstm_fused._C, else a JIT build of csrc/ with ninja."""
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -31,11 +32,14 @@ def _jit_build() -> None:
         and bool(cuda_sources)
         and os.environ.get("LSTM_FUSED_CUDA") != "0"
     )
+    # As in setup.py: at::parallel_for is inlined OpenMP, serial without -fopenmp.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cpp_extension.load(
         name="lstm_fused_jit_cuda" if with_cuda else "lstm_fused_jit",
         sources=sources + (cuda_sources if with_cuda else []),
-        extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno"]
+        extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno"] + openmp
         + (["-DLSTM_FUSED_WITH_CUDA"] if with_cuda else []),
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3", "--use_fast_math"],
         with_cuda=with_cuda,
         is_python_module=False,

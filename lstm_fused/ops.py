@@ -76,6 +76,8 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.training = training
     ctx.bias_given = (b_ih is not None, b_hh is not None)
     ctx.mark_non_differentiable(gates, cells)
+    # Unused outputs get None, not zero-filled gradients (gates alone is [T, B, 4H]).
+    ctx.set_materialize_grads(False)
 
 
 def _forward_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):

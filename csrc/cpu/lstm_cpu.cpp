@@ -1,8 +1,9 @@
 // CPU implementation of the lstm_fused ops.
 //
-// Forward: one GEMM for the input projection of every step (biases folded in), then per step one
-// GEMM for the recurrent part of all four gates and one fused, multithreaded pass for the
-// nonlinearities and the cell update. Backward: one pass back in time (fused gate gradients, one
+// Forward: one GEMM for the input projection of every step, then per step the recurrent part of
+// all four gates and the nonlinearities, biases and cell update, fused: each thread owns blocks of
+// hidden units and computes them from a packed W_hh in registers (above batch 32, a GEMM per step
+// and a fused elementwise pass). Backward: one pass back in time (fused gate gradients, one
 // GEMM for dh_{t-1}), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps.
 // No atomics and a fixed reduction order: identical inputs give identical results.
 #include "../lstm.h"
@@ -19,10 +20,12 @@
 namespace lstm_fused {
 namespace {
 
-// The row loops are compiled twice on x86-64 Linux, for AVX2 and for the baseline, and the loader
-// picks one. FMA stays off in both, so both give bitwise the same results.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LSTM_FUSED_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+// The kernels are compiled twice on x86-64 Linux, for AVX2+FMA (x86-64-v3) and for the baseline,
+// and the loader picks one by the CPU's features. Results are deterministic on a given machine;
+// FMA rounds differently, so machines with and without it may differ in the last bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    __GNUC__ >= 12
+#define LSTM_FUSED_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LSTM_FUSED_SIMD_CLONES
 #endif
@@ -74,17 +77,17 @@ LSTM_FUSED_INLINE float tanh_(float x) {
 LSTM_FUSED_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 LSTM_FUSED_INLINE double tanh_(double x) { return std::tanh(x); }
 
-// Hidden units [j0, j1) of one row of the forward update. gates: [4H] pre-activations in,
-// activations out; c_prev, c_next, hidden: [H].
+// Hidden units [j0, j1) of one row of the forward update. gates: [4H] pre-activations without
+// bias in, activations out; bias: [4H] (b_ih + b_hh, or zeros); c_prev, c_next, hidden: [H].
 template <typename T>
 LSTM_FUSED_INLINE void forward_row_impl(int64_t H, int64_t j0, int64_t j1, T* __restrict gates,
-                                        const T* __restrict c_prev, T* __restrict c_next,
-                                        T* __restrict hidden) {
+                                        const T* __restrict bias, const T* __restrict c_prev,
+                                        T* __restrict c_next, T* __restrict hidden) {
   for (int64_t j = j0; j < j1; ++j) {
-    const T i = sigmoid(gates[j]);
-    const T f = sigmoid(gates[H + j]);
-    const T g = tanh_(gates[2 * H + j]);
-    const T o = sigmoid(gates[3 * H + j]);
+    const T i = sigmoid(gates[j] + bias[j]);
+    const T f = sigmoid(gates[H + j] + bias[H + j]);
+    const T g = tanh_(gates[2 * H + j] + bias[2 * H + j]);
+    const T o = sigmoid(gates[3 * H + j] + bias[3 * H + j]);
     const T c = f * c_prev[j] + i * g;
     gates[j] = i;
     gates[H + j] = f;
@@ -147,78 +150,159 @@ LSTM_FUSED_INLINE void backward_row_dispatch(int64_t H, int64_t j0, int64_t j1, 
   }
 }
 
-// The recurrent part of the four gates of hidden units [j0, j1), for rows b < B:
-//   gates[b, q*H + j] += sum_k h[b, k] * w_cols[k, q*H + j]
-// h: [B, P]; w_cols: [P, 4H] (W_hh transposed); gates: [B, 4H]. A thread that owns a range of
-// units reads only its columns of W_hh, which stay in its core's cache from step to step.
+// 32-byte vectors (GCC/Clang vector extensions): one AVX2 register in the x86-64-v3 clone, two
+// SSE registers in the baseline. Only pointers cross function boundaries, never vectors.
 template <typename T>
-LSTM_FUSED_INLINE void recurrent_gates_impl(int64_t B, int64_t H, int64_t P, int64_t j0,
-                                            int64_t j1, const T* __restrict h,
-                                            const T* __restrict w_cols, T* __restrict gates) {
-  const int64_t G = 4 * H;
-  for (int64_t b = 0; b < B; ++b) {
-    const T* h_b = h + b * P;
-    for (int64_t q = 0; q < 4; ++q) {
-      T* out = gates + b * G + q * H;
-      const T* w = w_cols + q * H;
-      int64_t k = 0;
-      for (; k + 4 <= P; k += 4) {
-        const T h0 = h_b[k], h1 = h_b[k + 1], h2 = h_b[k + 2], h3 = h_b[k + 3];
-        const T* w0 = w + k * G;
-        const T* w1 = w0 + G;
-        const T* w2 = w1 + G;
-        const T* w3 = w2 + G;
-        for (int64_t j = j0; j < j1; ++j) {
-          out[j] += (h0 * w0[j] + h1 * w1[j]) + (h2 * w2[j] + h3 * w3[j]);
-        }
-      }
-      for (; k < P; ++k) {
-        const T h_k = h_b[k];
-        const T* w_k = w + k * G;
-        for (int64_t j = j0; j < j1; ++j) out[j] += h_k * w_k[j];
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 4;
+};
+
+template <typename V, typename T>
+LSTM_FUSED_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+LSTM_FUSED_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Adds the first `count` lanes of v to p[0..count).
+template <typename V, typename T>
+LSTM_FUSED_INLINE void add_lanes(T* p, const V& v, int64_t count) {
+  T lanes[sizeof(V) / sizeof(T)];
+  std::memcpy(lanes, &v, sizeof(V));
+  for (int64_t l = 0; l < count; ++l) p[l] += lanes[l];
+}
+
+// The recurrent part of the four gates of one block of L units for R rows, in registers:
+//   gates[r, q*H + unit0 + l] += sum_k h[r, k] * block[k, q, l]
+// h: R rows of stride P; block: [P, 4, L], one block of W_hh packed by pack_for_gates; gates: R
+// rows of stride 4H; `units` (<= L) of the block's lanes are real units.
+template <typename T, int R>
+LSTM_FUSED_INLINE void recurrent_block(int64_t H, int64_t P, int64_t unit0, int64_t units,
+                                       const T* __restrict h, const T* __restrict block,
+                                       T* __restrict gates) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = Simd<T>::kLanes;
+  V acc[R][4] = {};
+  for (int64_t k = 0; k < P; ++k) {
+    const T* w = block + k * 4 * L;
+    const V w0 = load<V>(w), w1 = load<V>(w + L), w2 = load<V>(w + 2 * L), w3 = load<V>(w + 3 * L);
+    for (int r = 0; r < R; ++r) {
+      const T h_rk = h[r * P + k];
+      acc[r][0] += h_rk * w0;
+      acc[r][1] += h_rk * w1;
+      acc[r][2] += h_rk * w2;
+      acc[r][3] += h_rk * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < 4; ++q) {
+      T* g = gates + r * 4 * H + q * H + unit0;
+      if (units == L) {
+        store(g, load<V>(g) + acc[r][q]);
+      } else {
+        add_lanes(g, acc[r][q], units);
       }
     }
   }
 }
 
-// Columns [k0, k1) of dL/dh_{t-1} for rows b < B:  grad_h[b, k] = sum_n grad_gates[b, n] * w[n, k]
-// grad_gates: [B, G = 4H]; w: [G, P] (W_hh); grad_h: [B, P].
+// Unit blocks [u0, u1) (L units each) of every row b < B: gates[b] += h[b] W_hh^T, four gates.
+// h: [B, P]; packed: [ceil(H/L), P, 4, L] from pack_for_gates; gates: [B, 4H].
 template <typename T>
-LSTM_FUSED_INLINE void hidden_grad_impl(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1,
-                                        const T* __restrict grad_gates, const T* __restrict w,
-                                        T* __restrict grad_h) {
-  for (int64_t b = 0; b < B; ++b) {
-    const T* dg = grad_gates + b * G;
-    T* out = grad_h + b * P;
-    for (int64_t k = k0; k < k1; ++k) out[k] = T(0);
-    int64_t n = 0;
-    for (; n + 4 <= G; n += 4) {
-      const T d0 = dg[n], d1 = dg[n + 1], d2 = dg[n + 2], d3 = dg[n + 3];
-      const T* w0 = w + n * P;
-      const T* w1 = w0 + P;
-      const T* w2 = w1 + P;
-      const T* w3 = w2 + P;
-      for (int64_t k = k0; k < k1; ++k) {
-        out[k] += (d0 * w0[k] + d1 * w1[k]) + (d2 * w2[k] + d3 * w3[k]);
+LSTM_FUSED_INLINE void recurrent_gates_impl(int64_t B, int64_t H, int64_t P, int64_t u0,
+                                            int64_t u1, const T* h, const T* packed, T* gates) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  constexpr int kRows = 3;  // 12 accumulators: as many rows as the 16 vector registers allow
+  for (int64_t u = u0; u < u1; ++u) {
+    const T* block = packed + u * P * 4 * L;
+    const int64_t unit0 = u * L, units = std::min(L, H - unit0);
+    int64_t b = 0;
+    for (; b + kRows <= B; b += kRows) {
+      recurrent_block<T, kRows>(H, P, unit0, units, h + b * P, block, gates + b * 4 * H);
+    }
+    if (B - b == 2) recurrent_block<T, 2>(H, P, unit0, units, h + b * P, block, gates + b * 4 * H);
+    if (B - b == 1) recurrent_block<T, 1>(H, P, unit0, units, h + b * P, block, gates + b * 4 * H);
+  }
+}
+
+// One block of 4L columns of dL/dh_{t-1} for R rows, in registers:
+//   grad_h[r, col0 + l] = sum_n grad_gates[r, n] * block[n, l]
+// grad_gates: R rows of stride G = 4H; block: [G, 4L] from pack_for_hidden_grad; grad_h: R rows of
+// stride P; `cols` (<= 4L) of the block's lanes are real columns.
+template <typename T, int R>
+LSTM_FUSED_INLINE void hidden_grad_block(int64_t G, int64_t P, int64_t col0, int64_t cols,
+                                         const T* __restrict grad_gates,
+                                         const T* __restrict block, T* __restrict grad_h) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = Simd<T>::kLanes;
+  V acc[R][4] = {};
+  for (int64_t n = 0; n < G; ++n) {
+    const T* w = block + n * 4 * L;
+    const V w0 = load<V>(w), w1 = load<V>(w + L), w2 = load<V>(w + 2 * L), w3 = load<V>(w + 3 * L);
+    for (int r = 0; r < R; ++r) {
+      const T d = grad_gates[r * G + n];
+      acc[r][0] += d * w0;
+      acc[r][1] += d * w1;
+      acc[r][2] += d * w2;
+      acc[r][3] += d * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T* out = grad_h + r * P + col0;
+    for (int v = 0; v < 4; ++v) {
+      const int64_t lanes = std::min(L, cols - v * L);
+      if (lanes == L) {
+        store(out + v * L, acc[r][v]);
+      } else if (lanes > 0) {
+        std::fill(out + v * L, out + v * L + lanes, T(0));
+        add_lanes(out + v * L, acc[r][v], lanes);
       }
     }
-    for (; n < G; ++n) {
-      const T d = dg[n];
-      const T* w_n = w + n * P;
-      for (int64_t k = k0; k < k1; ++k) out[k] += d * w_n[k];
+  }
+}
+
+// Column blocks [c0, c1) (4L columns each) of dL/dh_{t-1} for every row b < B.
+template <typename T>
+LSTM_FUSED_INLINE void hidden_grad_impl(int64_t B, int64_t G, int64_t P, int64_t c0, int64_t c1,
+                                        const T* grad_gates, const T* packed, T* grad_h) {
+  constexpr int64_t L4 = 4 * Simd<T>::kLanes;
+  constexpr int kRows = 3;  // 12 accumulators
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* block = packed + c * G * L4;
+    const int64_t col0 = c * L4, cols = std::min(L4, P - col0);
+    int64_t b = 0;
+    for (; b + kRows <= B; b += kRows) {
+      hidden_grad_block<T, kRows>(G, P, col0, cols, grad_gates + b * G, block, grad_h + b * P);
     }
+    const T* dg = grad_gates + b * G;
+    T* out = grad_h + b * P;
+    if (B - b == 2) hidden_grad_block<T, 2>(G, P, col0, cols, dg, block, out);
+    if (B - b == 1) hidden_grad_block<T, 1>(G, P, col0, cols, dg, block, out);
   }
 }
 
 // float: compiled for AVX2 and for the baseline; double: the baseline only.
 LSTM_FUSED_SIMD_CLONES
-void forward_row(int64_t H, int64_t j0, int64_t j1, float* gates, const float* c_prev,
-                 float* c_next, float* hidden) {
-  forward_row_impl<float>(H, j0, j1, gates, c_prev, c_next, hidden);
+void forward_row(int64_t H, int64_t j0, int64_t j1, float* gates, const float* bias,
+                 const float* c_prev, float* c_next, float* hidden) {
+  forward_row_impl<float>(H, j0, j1, gates, bias, c_prev, c_next, hidden);
 }
-void forward_row(int64_t H, int64_t j0, int64_t j1, double* gates, const double* c_prev,
-                 double* c_next, double* hidden) {
-  forward_row_impl<double>(H, j0, j1, gates, c_prev, c_next, hidden);
+void forward_row(int64_t H, int64_t j0, int64_t j1, double* gates, const double* bias,
+                 const double* c_prev, double* c_next, double* hidden) {
+  forward_row_impl<double>(H, j0, j1, gates, bias, c_prev, c_next, hidden);
 }
 LSTM_FUSED_SIMD_CLONES
 void backward_row(int64_t H, int64_t j0, int64_t j1, const float* gates, const float* cell,
@@ -235,29 +319,45 @@ void backward_row(int64_t H, int64_t j0, int64_t j1, const double* gates, const 
                                 grad_c_next, grad_gates, grad_c_prev, hidden);
 }
 LSTM_FUSED_SIMD_CLONES
-void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t j0, int64_t j1, const float* h,
-                     const float* w_cols, float* gates) {
-  recurrent_gates_impl<float>(B, H, P, j0, j1, h, w_cols, gates);
+void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t u0, int64_t u1, const float* h,
+                     const float* packed, float* gates) {
+  recurrent_gates_impl<float>(B, H, P, u0, u1, h, packed, gates);
 }
-void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t j0, int64_t j1, const double* h,
-                     const double* w_cols, double* gates) {
-  recurrent_gates_impl<double>(B, H, P, j0, j1, h, w_cols, gates);
+void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t u0, int64_t u1, const double* h,
+                     const double* packed, double* gates) {
+  recurrent_gates_impl<double>(B, H, P, u0, u1, h, packed, gates);
 }
 LSTM_FUSED_SIMD_CLONES
-void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1, const float* grad_gates,
-                 const float* w, float* grad_h) {
-  hidden_grad_impl<float>(B, G, P, k0, k1, grad_gates, w, grad_h);
+void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t c0, int64_t c1, const float* grad_gates,
+                 const float* packed, float* grad_h) {
+  hidden_grad_impl<float>(B, G, P, c0, c1, grad_gates, packed, grad_h);
 }
-void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t k0, int64_t k1,
-                 const double* grad_gates, const double* w, double* grad_h) {
-  hidden_grad_impl<double>(B, G, P, k0, k1, grad_gates, w, grad_h);
+void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t c0, int64_t c1,
+                 const double* grad_gates, const double* packed, double* grad_h) {
+  hidden_grad_impl<double>(B, G, P, c0, c1, grad_gates, packed, grad_h);
+}
+
+// W_hh [4H, P] -> [ceil(H/L), P, 4, L]: block u, row k holds the four gates' weights from input
+// k to units u*L .. u*L+L-1 (zeros past H), in the order recurrent_block reads them.
+at::Tensor pack_for_gates(const at::Tensor& w_hh, int64_t H, int64_t P, int64_t L) {
+  const int64_t blocks = (H + L - 1) / L;
+  at::Tensor w = w_hh.reshape({4, H, P});
+  if (blocks * L != H) w = at::constant_pad_nd(w, {0, 0, 0, blocks * L - H});
+  return w.reshape({4, blocks, L, P}).permute({1, 3, 0, 2}).contiguous();
+}
+
+// W_hh [4H, P] -> [ceil(P/width), 4H, width]: block c holds columns c*width .. (zeros past P).
+at::Tensor pack_for_hidden_grad(const at::Tensor& w_hh, int64_t P, int64_t width) {
+  const int64_t blocks = (P + width - 1) / width;
+  at::Tensor w = blocks * width != P ? at::constant_pad_nd(w_hh, {0, blocks * width - P}) : w_hh;
+  return w.reshape({w.size(0), blocks, width}).permute({1, 0, 2}).contiguous();
 }
 
 // The one place that picks the CPU path for each step's recurrent product:
-//   "fused": our kernels above, split by hidden unit across threads (the default up to batch 4);
+//   "fused": our kernels above, split by hidden unit across threads (the default up to batch 32);
 //   "gemm":  one GEMM per step (MKL/OpenBLAS through ATen), then the fused elementwise pass.
 // The environment variable LSTM_FUSED_PATH forces one (lstm_fused.force_path sets it).
-constexpr int64_t kFusedRecurrenceMaxBatch = 4;
+constexpr int64_t kFusedRecurrenceMaxBatch = 32;
 
 bool use_fused_recurrence(int64_t batch) {
   const char* forced = std::getenv("LSTM_FUSED_PATH");
@@ -297,21 +397,23 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 }
 
 template <typename scalar_t>
-void forward_steps(const LstmSizes& s, at::Tensor& gates, at::Tensor& y, at::Tensor& cells,
-                   bool training, const at::Tensor& h0, const at::Tensor& c0,
+void forward_steps(const LstmSizes& s, at::Tensor& gates, const at::Tensor& bias, at::Tensor& y,
+                   at::Tensor& cells, bool training, const at::Tensor& h0, const at::Tensor& c0,
                    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                    const int64_t* lengths, bool reverse) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const bool has_proj = w_hr.has_value();
   const bool fused_recurrence = use_fused_recurrence(B);
   const at::Tensor w_hh_t = w_hh.t();
-  const at::Tensor w_hh_cols = fused_recurrence ? w_hh_t.contiguous() : at::Tensor();  // [P, 4H]
+  constexpr int64_t L = Simd<scalar_t>::kLanes;
+  const at::Tensor w_packed = fused_recurrence ? pack_for_gates(w_hh, H, P, L) : at::Tensor();
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
   // With a projection the fused pass writes o * tanh(c) here and a GEMM maps it to y[t].
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const int64_t out_stride = has_proj ? H : P;
   at::Tensor h_prev = h0;
   const scalar_t* c_prev = c0.data_ptr<scalar_t>();
+  const scalar_t* bias_data = bias.data_ptr<scalar_t>();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
     at::Tensor gates_t = gates.select(0, t);
@@ -327,14 +429,16 @@ void forward_steps(const LstmSizes& s, at::Tensor& gates, at::Tensor& y, at::Ten
         if (!has_proj) copy_row(out + b * P + j0, h_prev_data + b * P + j0, j1 - j0);
         return;
       }
-      forward_row(H, j0, j1, g + b * 4 * H, c_prev + b * H, c_next + b * H,
+      forward_row(H, j0, j1, g + b * 4 * H, bias_data, c_prev + b * H, c_next + b * H,
                   out + b * out_stride);
     };
     if (fused_recurrence) {
-      const scalar_t* w = w_hh_cols.data_ptr<scalar_t>();
-      at::parallel_for(0, H, grain(4 * P * B), [&](int64_t j0, int64_t j1) {
-        recurrent_gates(B, H, P, j0, j1, h_prev_data, w, g);
-        for (int64_t b = 0; b < B; ++b) update(b, j0, j1);
+      // Each task owns blocks of L hidden units: all four gates of them, then their cell update.
+      const scalar_t* w = w_packed.data_ptr<scalar_t>();
+      const int64_t blocks = (H + L - 1) / L;
+      at::parallel_for(0, blocks, grain(4 * L * P * B), [&](int64_t u0, int64_t u1) {
+        recurrent_gates(B, H, P, u0, u1, h_prev_data, w, g);
+        for (int64_t b = 0; b < B; ++b) update(b, u0 * L, std::min(H, u1 * L));
       });
     } else {
       gates_t.addmm_(h_prev, w_hh_t);
@@ -372,18 +476,14 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const auto options = x.options();
 
-  // The input projection of all steps at once; gates[t] then receives the recurrent part.
+  // The input projection of all steps at once; gates[t] then receives the recurrent part, and
+  // the biases are added in the elementwise pass.
   at::Tensor gates = at::empty({T, B, 4 * H}, options);
   at::Tensor gates_2d = gates.view({T * B, 4 * H});
-  const at::Tensor x_2d = x.reshape({T * B, s.input_size});
-  if (b_ih.has_value() || b_hh.has_value()) {
-    const at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh
-                            : b_ih.has_value()                  ? *b_ih
-                                                                : *b_hh;
-    at::addmm_out(gates_2d, bias, x_2d, w_ih.t());
-  } else {
-    at::mm_out(gates_2d, x_2d, w_ih.t());
-  }
+  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  at::Tensor bias = at::zeros({4 * H}, options);
+  if (b_ih.has_value()) bias.add_(*b_ih);
+  if (b_hh.has_value()) bias.add_(*b_hh);
 
   at::Tensor y = at::empty({T, B, P}, options);
   // Training keeps every cell state for backward; inference alternates between two buffers.
@@ -393,8 +493,8 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   const int64_t* lengths_data = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_fused_forward_cpu", [&] {
-    forward_steps<scalar_t>(s, gates, y, cells, training, h0_c, c0_c, w_hh, w_hr, lengths_data,
-                            reverse);
+    forward_steps<scalar_t>(s, gates, bias, y, cells, training, h0_c, c0_c, w_hh, w_hr,
+                            lengths_data, reverse);
   });
 
   const int64_t last = reverse ? 0 : T - 1;
@@ -419,7 +519,8 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
   at::Tensor grad_h_next = at::empty_like(grad_h), grad_c_next = at::empty_like(grad_c);
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, grad_h.options()) : at::Tensor();
   const bool fused_recurrence = use_fused_recurrence(B);
-  const scalar_t* w = w_hh.data_ptr<scalar_t>();
+  constexpr int64_t L4 = 4 * Simd<scalar_t>::kLanes;
+  const at::Tensor w_packed = fused_recurrence ? pack_for_hidden_grad(w_hh, P, L4) : at::Tensor();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? step : T - 1 - step;
     const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
@@ -470,8 +571,9 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
         for (int64_t b = 0; b < B; ++b) update(b, j0, j1);
       });
       scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
-      at::parallel_for(0, P, grain(4 * H * B), [&](int64_t k0, int64_t k1) {
-        hidden_grad(B, 4 * H, P, k0, k1, dg, w, dh_out);
+      const scalar_t* w = w_packed.data_ptr<scalar_t>();
+      at::parallel_for(0, (P + L4 - 1) / L4, grain(4 * H * L4 * B), [&](int64_t c0, int64_t c1) {
+        hidden_grad(B, 4 * H, P, c0, c1, dg, w, dh_out);
       });
     } else {
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
