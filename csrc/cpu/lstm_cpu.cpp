@@ -411,17 +411,22 @@ void forward_steps(const LstmSizes& s, at::Tensor& gates, const at::Tensor& bias
   // With a projection the fused pass writes o * tanh(c) here and a GEMM maps it to y[t].
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const int64_t out_stride = has_proj ? H : P;
+  // Raw pointers per step; tensor views only where a GEMM needs one (the per-step overhead of
+  // making views is a large share of a small step).
   at::Tensor h_prev = h0;
+  const scalar_t* h_prev_data = h0.data_ptr<scalar_t>();
   const scalar_t* c_prev = c0.data_ptr<scalar_t>();
   const scalar_t* bias_data = bias.data_ptr<scalar_t>();
+  scalar_t* const gates_data = gates.data_ptr<scalar_t>();
+  scalar_t* const y_data = y.data_ptr<scalar_t>();
+  scalar_t* const cells_data = cells.data_ptr<scalar_t>();
+  scalar_t* const hidden_data = has_proj ? hidden.data_ptr<scalar_t>() : nullptr;
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
-    at::Tensor gates_t = gates.select(0, t);
-    at::Tensor y_t = y.select(0, t);
-    scalar_t* g = gates_t.data_ptr<scalar_t>();
-    scalar_t* c_next = cells.select(0, training ? t : step % 2).data_ptr<scalar_t>();
-    scalar_t* out = has_proj ? hidden.data_ptr<scalar_t>() : y_t.data_ptr<scalar_t>();
-    const scalar_t* h_prev_data = h_prev.data_ptr<scalar_t>();
+    scalar_t* g = gates_data + t * B * 4 * H;
+    scalar_t* y_t = y_data + t * B * P;
+    scalar_t* c_next = cells_data + (training ? t : step % 2) * B * H;
+    scalar_t* out = has_proj ? hidden_data : y_t;
     // Units [j0, j1) of row b: the cell update, or past the end of sequence b, the carried state.
     auto update = [&](int64_t b, int64_t j0, int64_t j1) {
       if (lengths && t >= lengths[b]) {
@@ -441,19 +446,20 @@ void forward_steps(const LstmSizes& s, at::Tensor& gates, const at::Tensor& bias
         for (int64_t b = 0; b < B; ++b) update(b, u0 * L, std::min(H, u1 * L));
       });
     } else {
-      gates_t.addmm_(h_prev, w_hh_t);
+      if (step > 0) h_prev = y.select(0, reverse ? t + 1 : t - 1);
+      gates.select(0, t).addmm_(h_prev, w_hh_t);
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) update(b, 0, H);
       });
     }
     if (has_proj) {
-      at::mm_out(y_t, hidden, w_hr_t);
-      scalar_t* y_data = y_t.data_ptr<scalar_t>();
+      at::Tensor y_view = y.select(0, t);
+      at::mm_out(y_view, hidden, w_hr_t);
       for (int64_t b = 0; lengths && b < B; ++b) {
-        if (t >= lengths[b]) copy_row(y_data + b * P, h_prev_data + b * P, P);
+        if (t >= lengths[b]) copy_row(y_t + b * P, h_prev_data + b * P, P);
       }
     }
-    h_prev = y_t;
+    h_prev_data = y_t;
     c_prev = c_next;
   }
 }
@@ -521,34 +527,37 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
   const bool fused_recurrence = use_fused_recurrence(B);
   constexpr int64_t L4 = 4 * Simd<scalar_t>::kLanes;
   const at::Tensor w_packed = fused_recurrence ? pack_for_hidden_grad(w_hh, P, L4) : at::Tensor();
+  // Raw pointers per step; tensor views only where a GEMM needs one.
+  const scalar_t* const grad_y_data = grad_y.data_ptr<scalar_t>();
+  const scalar_t* const gates_data = gates.data_ptr<scalar_t>();
+  const scalar_t* const cells_data = cells.data_ptr<scalar_t>();
+  scalar_t* const grad_gates_data = grad_gates.data_ptr<scalar_t>();
+  scalar_t* const hidden_data = has_proj ? hidden_all.data_ptr<scalar_t>() : nullptr;
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? step : T - 1 - step;
     const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
     const bool from_initial = reverse ? t_prev >= T : t_prev < 0;
-    const scalar_t* c_prev = from_initial ? c0.data_ptr<scalar_t>()
-                                          : cells.select(0, t_prev).data_ptr<scalar_t>();
-    const at::Tensor grad_y_t = grad_y.select(0, t);
-    // grad_h_total: dL/dh_t from the output at t and from step t+1, as one buffer or two.
+    const scalar_t* c_prev = from_initial ? c0.data_ptr<scalar_t>() : cells_data + t_prev * B * H;
+    const scalar_t* dy = grad_y_data + t * B * P;
+    // dL/dh_t comes from the output at t and from step t+1: one buffer, or two added in the pass.
     const scalar_t* grad_main;
     const scalar_t* grad_extra;
-    at::Tensor grad_h_total;
     if (has_proj) {
-      grad_h_total = grad_proj_out.select(0, t);
-      at::add_out(grad_h_total, grad_y_t, grad_h);
+      at::Tensor grad_h_total = grad_proj_out.select(0, t);
+      at::add_out(grad_h_total, grad_y.select(0, t), grad_h);
       at::mm_out(grad_hidden, grad_h_total, *w_hr);
       grad_main = grad_hidden.data_ptr<scalar_t>();
       grad_extra = nullptr;
     } else {
-      grad_main = grad_y_t.data_ptr<scalar_t>();
+      grad_main = dy;
       grad_extra = grad_h.data_ptr<scalar_t>();
     }
-    const scalar_t* g = gates.select(0, t).data_ptr<scalar_t>();
-    const scalar_t* cell = cells.select(0, t).data_ptr<scalar_t>();
+    const scalar_t* g = gates_data + t * B * 4 * H;
+    const scalar_t* cell = cells_data + t * B * H;
     const scalar_t* dc_in = grad_c.data_ptr<scalar_t>();
     scalar_t* dc_out = grad_c_next.data_ptr<scalar_t>();
-    at::Tensor grad_gates_t = grad_gates.select(0, t);
-    scalar_t* dg = grad_gates_t.data_ptr<scalar_t>();
-    scalar_t* hidden = has_proj ? hidden_all.select(0, t).data_ptr<scalar_t>() : nullptr;
+    scalar_t* dg = grad_gates_data + t * B * 4 * H;
+    scalar_t* hidden = has_proj ? hidden_data + t * B * H : nullptr;
     const int64_t main_stride = has_proj ? H : P;
     // Units [j0, j1) of row b: gate gradients, or for a carried step, gradients passed through.
     auto update = [&](int64_t b, int64_t j0, int64_t j1) {
@@ -572,19 +581,19 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
       });
       scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
       const scalar_t* w = w_packed.data_ptr<scalar_t>();
-      at::parallel_for(0, (P + L4 - 1) / L4, grain(4 * H * L4 * B), [&](int64_t c0, int64_t c1) {
-        hidden_grad(B, 4 * H, P, c0, c1, dg, w, dh_out);
+      const int64_t blocks = (P + L4 - 1) / L4;
+      at::parallel_for(0, blocks, grain(4 * H * L4 * B), [&](int64_t first, int64_t last) {
+        hidden_grad(B, 4 * H, P, first, last, dg, w, dh_out);
       });
     } else {
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) update(b, 0, H);
       });
-      at::mm_out(grad_h_next, grad_gates_t, w_hh);
+      at::mm_out(grad_h_next, grad_gates.select(0, t), w_hh);
     }
     if (lengths) {
       scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
       const scalar_t* dh_in = grad_h.data_ptr<scalar_t>();
-      const scalar_t* dy = grad_y_t.data_ptr<scalar_t>();
       for (int64_t b = 0; b < B; ++b) {
         if (t < lengths[b]) continue;
         for (int64_t j = 0; j < P; ++j) dh_out[b * P + j] = dy[b * P + j] + dh_in[b * P + j];
