@@ -7,8 +7,9 @@ import torch
 
 _VARIABLE = "LSTM_FUSED_PATH"
 _PATHS = {
-    # fused: our own kernel, each thread owns a range of hidden units (default up to batch 4)
-    # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 4)
+    # fused: our register-blocked step, each thread owns blocks of hidden units (default up to
+    #        batch 128)
+    # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 128)
     "cpu": ["fused", "gemm"],
 }
 
