@@ -28,7 +28,7 @@ def _check_devices(x, *tensors):
                 "weights must be on one device")
 
 
-def _sizes(x, w_hh, w_hr):
+def _sizes(x, w_hh):
     seq_len, batch = x.shape[0], x.shape[1]
     hidden_size = w_hh.shape[0] // 4
     output_size = w_hh.shape[1]
@@ -38,7 +38,7 @@ def _sizes(x, w_hh, w_hr):
 @torch.library.register_fake("lstm_fused::forward")
 def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training):
     _check_devices(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    seq_len, batch, hidden_size, output_size = _sizes(x, w_hh, w_hr)
+    seq_len, batch, hidden_size, output_size = _sizes(x, w_hh)
     y = x.new_empty(seq_len, batch, output_size)
     h_n = x.new_empty(batch, output_size)
     c_n = x.new_empty(batch, hidden_size)
@@ -57,7 +57,7 @@ def _backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, leng
                    cells, reverse, has_bias):
     _check_devices(x, grad_y, grad_h_n, grad_c_n, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates,
                    cells)
-    _, _, hidden_size, output_size = _sizes(x, w_hh, w_hr)
+    _, _, hidden_size, output_size = _sizes(x, w_hh)
     grad_bias = x.new_empty(4 * hidden_size) if has_bias else x.new_empty(0)
     grad_w_hr = x.new_empty(output_size, hidden_size) if w_hr is not None else x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
