@@ -57,6 +57,29 @@ def test_matches_float64_reference(reverse, proj, bias, lengths, batch, path):
         assert results[0][0][:, 2].abs().max() == 0, "outputs past a sequence's end must be zero"
 
 
+@pytest.mark.parametrize("path", lstm_fused.available_paths("cpu"))
+@pytest.mark.parametrize("reverse,proj,lengths", [(False, False, None), (True, False, LENGTHS[:3]),
+                                                  (False, True, LENGTHS[:3])],
+                         ids=["fwd", "rev-lengths", "proj-lengths"])
+def test_steps_split_across_threads(path, reverse, proj, lengths):
+    # Enough work per step (4 H P B multiply-adds) for each step to be split across threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, hx, weights = make_args(proj=proj, sizes=(6, 3, 16, 136, 40))
+        leaves = [x, *hx] + [w for w in weights if w is not None]
+        results = []
+        for function in (lstm, lstm_reference):
+            with lstm_fused.force_path(path):
+                output, (h_n, c_n) = function(x, hx, *weights, reverse=reverse, lengths=lengths)
+                loss = (output * output.detach().sin()).sum() + h_n.sum() - (c_n * 2).sum()
+                results.append([output, h_n, c_n, *torch.autograd.grad(loss, leaves)])
+        for actual, expected in zip(*results):  # float64 sums over longer rows than above
+            torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-9)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("reverse,proj,bias,lengths", CASES, ids=CASE_IDS)
 def test_gradcheck(reverse, proj, bias, lengths, batch):

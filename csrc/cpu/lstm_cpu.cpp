@@ -16,6 +16,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace lstm_fused {
 namespace {
@@ -377,6 +382,41 @@ int64_t grain(int64_t work_per_item, int64_t work = 32768) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, work_per_item));
 }
 
+// Runs body(step, phase, begin, end) for every step and each of its phases, phase p covering
+// items [0, phase_items[p]). With enough work per step, all steps run in one parallel region:
+// each thread takes the same slice of each phase at every step (so its blocks of W_hh stay in its
+// cache), with a barrier after each phase instead of a fork and join. Otherwise it runs serially.
+template <typename F>
+void run_steps(int64_t steps, const std::vector<int64_t>& phase_items, int64_t work_per_step,
+               const F& body) {
+#ifdef _OPENMP
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), work_per_step / 32768);
+  if (tasks > 1 && !at::in_parallel_region()) {
+#pragma omp parallel
+    {
+      const int64_t threads = std::min<int64_t>(omp_get_num_threads(), tasks);
+      const int64_t thread = omp_get_thread_num();
+      for (int64_t step = 0; step < steps; ++step) {
+        for (size_t phase = 0; phase < phase_items.size(); ++phase) {
+          const int64_t items = phase_items[phase];
+          const int64_t chunk = (items + threads - 1) / threads;
+          const int64_t begin = std::min(items, thread * chunk);
+          const int64_t end = std::min(items, begin + chunk);
+          if (thread < threads && begin < end) body(step, phase, begin, end);
+#pragma omp barrier
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t step = 0; step < steps; ++step) {
+    for (size_t phase = 0; phase < phase_items.size(); ++phase) {
+      body(step, phase, 0, phase_items[phase]);
+    }
+  }
+}
+
 template <typename T>
 void copy_row(T* dst, const T* src, int64_t n) {
   std::memcpy(dst, src, sizeof(T) * n);
@@ -413,56 +453,74 @@ void forward_steps(const LstmSizes& s, at::Tensor& gates, const at::Tensor& bias
   // With a projection the fused pass writes o * tanh(c) here and a GEMM maps it to y[t].
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const int64_t out_stride = has_proj ? H : P;
-  // Raw pointers per step; tensor views only where a GEMM needs one (the per-step overhead of
-  // making views is a large share of a small step).
-  at::Tensor h_prev = h0;
-  const scalar_t* h_prev_data = h0.data_ptr<scalar_t>();
-  const scalar_t* c_prev = c0.data_ptr<scalar_t>();
-  const scalar_t* bias_data = bias.data_ptr<scalar_t>();
+  // Raw pointers per step, derived from the step's index alone; tensor views only where a GEMM
+  // needs one (making views costs a large share of a small step).
+  const scalar_t* const h0_data = h0.data_ptr<scalar_t>();
+  const scalar_t* const c0_data = c0.data_ptr<scalar_t>();
+  const scalar_t* const bias_data = bias.data_ptr<scalar_t>();
   scalar_t* const gates_data = gates.data_ptr<scalar_t>();
   scalar_t* const y_data = y.data_ptr<scalar_t>();
   scalar_t* const cells_data = cells.data_ptr<scalar_t>();
   scalar_t* const hidden_data = has_proj ? hidden.data_ptr<scalar_t>() : nullptr;
-  for (int64_t step = 0; step < T; ++step) {
+  struct Step {
+    int64_t t;
+    scalar_t* g;             // gates[t]
+    scalar_t* y;             // y[t]
+    scalar_t* c_next;        // the cell state written
+    const scalar_t* h_prev;  // h_{t-1}
+    const scalar_t* c_prev;  // c_{t-1}
+  };
+  auto step_at = [&](int64_t step) {
     const int64_t t = reverse ? T - 1 - step : step;
-    scalar_t* g = gates_data + t * B * 4 * H;
-    scalar_t* y_t = y_data + t * B * P;
-    scalar_t* c_next = cells_data + (training ? t : step % 2) * B * H;
-    scalar_t* out = has_proj ? hidden_data : y_t;
-    // Units [j0, j1) of row b: the cell update, or past the end of sequence b, the carried state.
-    auto update = [&](int64_t b, int64_t j0, int64_t j1) {
-      if (lengths && t >= lengths[b]) {
-        copy_row(c_next + b * H + j0, c_prev + b * H + j0, j1 - j0);
-        if (!has_proj) copy_row(out + b * P + j0, h_prev_data + b * P + j0, j1 - j0);
-        return;
-      }
-      forward_row(H, j0, j1, g + b * 4 * H, bias_data, c_prev + b * H, c_next + b * H,
-                  out + b * out_stride);
-    };
+    const int64_t t_prev = reverse ? t + 1 : t - 1;
+    const int64_t slot = training ? t : step % 2, slot_prev = training ? t_prev : (step - 1) % 2;
+    return Step{t, gates_data + t * B * 4 * H, y_data + t * B * P, cells_data + slot * B * H,
+                step == 0 ? h0_data : y_data + t_prev * B * P,
+                step == 0 ? c0_data : cells_data + slot_prev * B * H};
+  };
+  // Units [j0, j1) of row b: the cell update, or past the end of sequence b, the carried state.
+  auto update = [&](const Step& st, int64_t b, int64_t j0, int64_t j1) {
+    scalar_t* out = has_proj ? hidden_data : st.y;
+    if (lengths && st.t >= lengths[b]) {
+      copy_row(st.c_next + b * H + j0, st.c_prev + b * H + j0, j1 - j0);
+      if (!has_proj) copy_row(out + b * P + j0, st.h_prev + b * P + j0, j1 - j0);
+      return;
+    }
+    forward_row(H, j0, j1, st.g + b * 4 * H, bias_data, st.c_prev + b * H, st.c_next + b * H,
+                out + b * out_stride);
+  };
+  const int64_t blocks = (H + L - 1) / L;
+  // Each task owns blocks of L hidden units: all four gates of them, then their cell update.
+  auto fused_step = [&](const Step& st, int64_t u0, int64_t u1) {
+    recurrent_gates(B, H, P, u0, u1, st.h_prev, w_packed.data_ptr<scalar_t>(), st.g);
+    for (int64_t b = 0; b < B; ++b) update(st, b, u0 * L, std::min(H, u1 * L));
+  };
+  if (fused_recurrence && !has_proj) {  // the whole sequence in one parallel region
+    run_steps(T, {blocks}, 4 * H * P * B, [&](int64_t step, size_t, int64_t u0, int64_t u1) {
+      fused_step(step_at(step), u0, u1);
+    });
+    return;
+  }
+  for (int64_t step = 0; step < T; ++step) {
+    const Step st = step_at(step);
     if (fused_recurrence) {
-      // Each task owns blocks of L hidden units: all four gates of them, then their cell update.
-      const scalar_t* w = w_packed.data_ptr<scalar_t>();
-      const int64_t blocks = (H + L - 1) / L;
       at::parallel_for(0, blocks, grain(4 * L * P * B), [&](int64_t u0, int64_t u1) {
-        recurrent_gates(B, H, P, u0, u1, h_prev_data, w, g);
-        for (int64_t b = 0; b < B; ++b) update(b, u0 * L, std::min(H, u1 * L));
+        fused_step(st, u0, u1);
       });
     } else {
-      if (step > 0) h_prev = y.select(0, reverse ? t + 1 : t - 1);
-      gates.select(0, t).addmm_(h_prev, w_hh_t);
+      const at::Tensor h_prev = step == 0 ? h0 : y.select(0, reverse ? st.t + 1 : st.t - 1);
+      gates.select(0, st.t).addmm_(h_prev, w_hh_t);
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) update(b, 0, H);
+        for (int64_t b = b0; b < b1; ++b) update(st, b, 0, H);
       });
     }
     if (has_proj) {
-      at::Tensor y_view = y.select(0, t);
+      at::Tensor y_view = y.select(0, st.t);
       at::mm_out(y_view, hidden, w_hr_t);
       for (int64_t b = 0; lengths && b < B; ++b) {
-        if (t >= lengths[b]) copy_row(y_t + b * P, h_prev_data + b * P, P);
+        if (st.t >= lengths[b]) copy_row(st.y + b * P, st.h_prev + b * P, P);
       }
     }
-    h_prev_data = y_t;
-    c_prev = c_next;
   }
 }
 
@@ -524,85 +582,118 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& gr
                     at::Tensor& grad_gates, at::Tensor& grad_proj_out, at::Tensor& hidden_all) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const bool has_proj = w_hr.has_value();
-  at::Tensor grad_h_next = at::empty_like(grad_h), grad_c_next = at::empty_like(grad_c);
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, grad_h.options()) : at::Tensor();
   const bool fused_recurrence = use_fused_recurrence(B);
   constexpr int64_t L4 = 4 * Simd<scalar_t>::kLanes;
   const at::Tensor w_packed = fused_recurrence ? pack_for_hidden_grad(w_hh, P, L4) : at::Tensor();
-  // Raw pointers per step; tensor views only where a GEMM needs one.
+  // dL/dh and dL/dc alternate between two buffers, step by step; grad_h and grad_c hold the
+  // incoming gradients now and the outgoing ones at the end.
+  at::Tensor grad_h_other = at::empty_like(grad_h), grad_c_other = at::empty_like(grad_c);
+  scalar_t* const grad_h_buffers[2] = {grad_h.data_ptr<scalar_t>(),
+                                       grad_h_other.data_ptr<scalar_t>()};
+  scalar_t* const grad_c_buffers[2] = {grad_c.data_ptr<scalar_t>(),
+                                       grad_c_other.data_ptr<scalar_t>()};
+  // Raw pointers per step, derived from the step's index alone; tensor views only where a GEMM
+  // needs one.
   const scalar_t* const grad_y_data = grad_y.data_ptr<scalar_t>();
   const scalar_t* const gates_data = gates.data_ptr<scalar_t>();
   const scalar_t* const cells_data = cells.data_ptr<scalar_t>();
+  const scalar_t* const c0_data = c0.data_ptr<scalar_t>();
   scalar_t* const grad_gates_data = grad_gates.data_ptr<scalar_t>();
   scalar_t* const hidden_data = has_proj ? hidden_all.data_ptr<scalar_t>() : nullptr;
-  for (int64_t step = 0; step < T; ++step) {
+  scalar_t* const grad_hidden_data = has_proj ? grad_hidden.data_ptr<scalar_t>() : nullptr;
+  struct Step {
+    int64_t t;
+    const scalar_t* c_prev;   // c_{t-1}
+    const scalar_t* grad_y;   // grad_y[t]
+    const scalar_t* g;        // gates[t]
+    const scalar_t* cell;     // cells[t]
+    scalar_t* grad_gates;     // grad_gates[t]
+    scalar_t* hidden;         // o * tanh(c_t), kept for dW_hr (projection only)
+    const scalar_t* grad_h;   // dL/dh_t from step t+1
+    scalar_t* grad_h_prev;    // dL/dh_{t-1}, written
+    const scalar_t* grad_c;   // dL/dc_t from step t+1
+    scalar_t* grad_c_prev;    // dL/dc_{t-1}, written
+  };
+  auto step_at = [&](int64_t step) {
     const int64_t t = reverse ? step : T - 1 - step;
     const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
     const bool from_initial = reverse ? t_prev >= T : t_prev < 0;
-    const scalar_t* c_prev = from_initial ? c0.data_ptr<scalar_t>() : cells_data + t_prev * B * H;
-    const scalar_t* dy = grad_y_data + t * B * P;
-    // dL/dh_t comes from the output at t and from step t+1: one buffer, or two added in the pass.
-    const scalar_t* grad_main;
-    const scalar_t* grad_extra;
-    if (has_proj) {
-      at::Tensor grad_h_total = grad_proj_out.select(0, t);
-      at::add_out(grad_h_total, grad_y.select(0, t), grad_h);
-      at::mm_out(grad_hidden, grad_h_total, *w_hr);
-      grad_main = grad_hidden.data_ptr<scalar_t>();
-      grad_extra = nullptr;
-    } else {
-      grad_main = dy;
-      grad_extra = grad_h.data_ptr<scalar_t>();
-    }
-    const scalar_t* g = gates_data + t * B * 4 * H;
-    const scalar_t* cell = cells_data + t * B * H;
-    const scalar_t* dc_in = grad_c.data_ptr<scalar_t>();
-    scalar_t* dc_out = grad_c_next.data_ptr<scalar_t>();
-    scalar_t* dg = grad_gates_data + t * B * 4 * H;
-    scalar_t* hidden = has_proj ? hidden_data + t * B * H : nullptr;
-    const int64_t main_stride = has_proj ? H : P;
-    // Units [j0, j1) of row b: gate gradients, or for a carried step, gradients passed through.
-    auto update = [&](int64_t b, int64_t j0, int64_t j1) {
-      if (lengths && t >= lengths[b]) {
-        for (int64_t q = 0; q < 4; ++q) {
-          scalar_t* gate = dg + b * 4 * H + q * H;
-          std::fill(gate + j0, gate + j1, scalar_t(0));
-        }
-        copy_row(dc_out + b * H + j0, dc_in + b * H + j0, j1 - j0);
-        if (hidden) std::fill(hidden + b * H + j0, hidden + b * H + j1, scalar_t(0));
-        return;
+    const int64_t in = step % 2, out = 1 - in;
+    return Step{t, from_initial ? c0_data : cells_data + t_prev * B * H,
+                grad_y_data + t * B * P, gates_data + t * B * 4 * H, cells_data + t * B * H,
+                grad_gates_data + t * B * 4 * H, has_proj ? hidden_data + t * B * H : nullptr,
+                grad_h_buffers[in], grad_h_buffers[out], grad_c_buffers[in], grad_c_buffers[out]};
+  };
+  // Units [j0, j1) of row b: gate gradients, or for a carried step, gradients passed through.
+  // dL/d(o tanh c_t) is grad_y[t] + dL/dh_t from step t+1, added in the pass; with a projection
+  // it is grad_hidden, computed by a GEMM before.
+  auto update = [&](const Step& st, int64_t b, int64_t j0, int64_t j1) {
+    if (lengths && st.t >= lengths[b]) {
+      for (int64_t q = 0; q < 4; ++q) {
+        scalar_t* gate = st.grad_gates + b * 4 * H + q * H;
+        std::fill(gate + j0, gate + j1, scalar_t(0));
       }
-      backward_row(H, j0, j1, g + b * 4 * H, cell + b * H, c_prev + b * H,
-                   grad_main + b * main_stride, grad_extra ? grad_extra + b * P : nullptr,
-                   dc_in + b * H, dg + b * 4 * H, dc_out + b * H,
-                   hidden ? hidden + b * H : nullptr);
-    };
-    if (fused_recurrence) {
-      at::parallel_for(0, H, grain(4 * B), [&](int64_t j0, int64_t j1) {
-        for (int64_t b = 0; b < B; ++b) update(b, j0, j1);
-      });
-      scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
-      const scalar_t* w = w_packed.data_ptr<scalar_t>();
-      const int64_t blocks = (P + L4 - 1) / L4;
-      at::parallel_for(0, blocks, grain(4 * H * L4 * B), [&](int64_t first, int64_t last) {
-        hidden_grad(B, 4 * H, P, first, last, dg, w, dh_out);
-      });
-    } else {
-      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) update(b, 0, H);
-      });
-      at::mm_out(grad_h_next, grad_gates.select(0, t), w_hh);
+      copy_row(st.grad_c_prev + b * H + j0, st.grad_c + b * H + j0, j1 - j0);
+      if (st.hidden) std::fill(st.hidden + b * H + j0, st.hidden + b * H + j1, scalar_t(0));
+      return;
     }
-    if (lengths) {
-      scalar_t* dh_out = grad_h_next.data_ptr<scalar_t>();
-      const scalar_t* dh_in = grad_h.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < B; ++b) {
-        if (t < lengths[b]) continue;
-        for (int64_t j = 0; j < P; ++j) dh_out[b * P + j] = dy[b * P + j] + dh_in[b * P + j];
+    backward_row(H, j0, j1, st.g + b * 4 * H, st.cell + b * H, st.c_prev + b * H,
+                 has_proj ? grad_hidden_data + b * H : st.grad_y + b * P,
+                 has_proj ? nullptr : st.grad_h + b * P, st.grad_c + b * H,
+                 st.grad_gates + b * 4 * H, st.grad_c_prev + b * H,
+                 st.hidden ? st.hidden + b * H : nullptr);
+  };
+  // Past the end of sequence b the state was carried: so is its gradient.
+  auto carry = [&](const Step& st, int64_t b) {
+    if (!lengths || st.t < lengths[b]) return;
+    for (int64_t j = 0; j < P; ++j) {
+      st.grad_h_prev[b * P + j] = st.grad_y[b * P + j] + st.grad_h[b * P + j];
+    }
+  };
+  const int64_t blocks = (P + L4 - 1) / L4;
+  const scalar_t* w = fused_recurrence ? w_packed.data_ptr<scalar_t>() : nullptr;
+  if (fused_recurrence && !has_proj) {  // the whole sequence in one parallel region
+    std::vector<int64_t> phases = {H, blocks};  // gate gradients by unit, dh_{t-1} by column
+    if (lengths) phases.push_back(B);           // carried rows
+    run_steps(T, phases, 4 * H * P * B, [&](int64_t step, size_t phase, int64_t lo, int64_t hi) {
+      const Step st = step_at(step);
+      if (phase == 0) {
+        for (int64_t b = 0; b < B; ++b) update(st, b, lo, hi);
+      } else if (phase == 1) {
+        hidden_grad(B, 4 * H, P, lo, hi, st.grad_gates, w, st.grad_h_prev);
+      } else {
+        for (int64_t b = lo; b < hi; ++b) carry(st, b);
       }
+    });
+  } else {
+    for (int64_t step = 0; step < T; ++step) {
+      const Step st = step_at(step);
+      if (has_proj) {
+        at::Tensor grad_h_total = grad_proj_out.select(0, st.t);
+        at::add_out(grad_h_total, grad_y.select(0, st.t), step % 2 ? grad_h_other : grad_h);
+        at::mm_out(grad_hidden, grad_h_total, *w_hr);
+      }
+      if (fused_recurrence) {
+        at::parallel_for(0, H, grain(4 * B), [&](int64_t j0, int64_t j1) {
+          for (int64_t b = 0; b < B; ++b) update(st, b, j0, j1);
+        });
+        at::parallel_for(0, blocks, grain(4 * H * L4 * B), [&](int64_t first, int64_t last) {
+          hidden_grad(B, 4 * H, P, first, last, st.grad_gates, w, st.grad_h_prev);
+        });
+      } else {
+        at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) update(st, b, 0, H);
+        });
+        at::Tensor grad_h_prev = step % 2 ? grad_h : grad_h_other;
+        at::mm_out(grad_h_prev, grad_gates.select(0, st.t), w_hh);
+      }
+      for (int64_t b = 0; b < B; ++b) carry(st, b);
     }
-    std::swap(grad_h, grad_h_next);
-    std::swap(grad_c, grad_c_next);
+  }
+  if (T % 2 == 1) {
+    std::swap(grad_h, grad_h_other);
+    std::swap(grad_c, grad_c_other);
   }
 }
 
