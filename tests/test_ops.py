@@ -236,3 +236,20 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], expected)
+
+
+def test_torch_compile_dynamic_shapes_one_graph():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = lstm_fused.LSTM(5, 7, num_layers=2, batch_first=True, proj_size=3)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch, seq_len in [(2, 4), (3, 6), (5, 9)]:
+        x = torch.randn(batch, seq_len, 5, requires_grad=True)
+        actual, _ = compiled(x)
+        expected, _ = model(x)
+        torch.testing.assert_close(actual, expected)
+        (grad,) = torch.autograd.grad(actual.sum(), x)
+        (grad_expected,) = torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(grad, grad_expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
