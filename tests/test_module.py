@@ -225,3 +225,15 @@ def test_constructor_validation_like_nn_lstm():
         with pytest.raises(ValueError) as actual:
             lstm_fused.LSTM(**config)
         assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e30])
+def test_non_finite_and_huge_inputs_like_nn_lstm(value):
+    reference, fused = make_pair(input_size=4, hidden_size=9)
+    x = torch.randn(3, 2, 4)
+    x[1, 0, 2] = value
+    with torch.no_grad():
+        expected, (h_r, c_r) = reference(x)
+        actual, (h_f, c_f) = fused(x)
+    for a, e in ((actual, expected), (h_f, h_r), (c_f, c_r)):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4, equal_nan=True)

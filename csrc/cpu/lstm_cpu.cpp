@@ -3,8 +3,9 @@
 // Forward: one GEMM for the input projection of every step, then per step the recurrent part of
 // all four gates and the nonlinearities, biases and cell update, fused: each thread owns blocks of
 // hidden units and computes them from a packed W_hh in registers (above batch 128, a GEMM per
-// step and a fused elementwise pass). Backward: one pass back in time (fused gate gradients, one
-// GEMM for dh_{t-1}), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps.
+// step and a fused elementwise pass). Backward: one pass back in time (fused gate gradients, then
+// dh_{t-1} from W_hh packed by column blocks), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs
+// over all steps.
 // No atomics and a fixed reduction order: identical inputs give identical results.
 #include "../lstm.h"
 
