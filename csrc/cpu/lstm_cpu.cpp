@@ -191,7 +191,31 @@ LSTM_FUSED_INLINE void add_lanes(T* p, const V& v, int64_t count) {
   for (int64_t l = 0; l < count; ++l) p[l] += lanes[l];
 }
 
-// The recurrent part of the four gates of one block of L units for R rows, in registers:
+// acc[r][v] = sum_k a[r * a_stride + k] * block[k, v, :] for k < K: R rows of a times a packed
+// block [K, 4, L], in registers (12 accumulators for R = 3). Both recurrent products use it.
+template <typename T, int R>
+LSTM_FUSED_INLINE void multiply_block(int64_t K, const T* __restrict a, int64_t a_stride,
+                                      const T* __restrict block,
+                                      typename Simd<T>::V (&acc)[R][4]) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = Simd<T>::kLanes;
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) acc[r][v] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = block + k * 4 * L;
+    const V w0 = load<V>(w), w1 = load<V>(w + L), w2 = load<V>(w + 2 * L), w3 = load<V>(w + 3 * L);
+    for (int r = 0; r < R; ++r) {
+      const T a_rk = a[r * a_stride + k];
+      acc[r][0] += a_rk * w0;
+      acc[r][1] += a_rk * w1;
+      acc[r][2] += a_rk * w2;
+      acc[r][3] += a_rk * w3;
+    }
+  }
+}
+
+// The recurrent part of the four gates of one block of L units for R rows:
 //   gates[r, q*H + unit0 + l] += sum_k h[r, k] * block[k, q, l]
 // h: R rows of stride P; block: [P, 4, L], one block of W_hh packed by pack_for_gates; gates: R
 // rows of stride 4H; `units` (<= L) of the block's lanes are real units.
@@ -201,18 +225,8 @@ LSTM_FUSED_INLINE void recurrent_block(int64_t H, int64_t P, int64_t unit0, int6
                                        T* __restrict gates) {
   using V = typename Simd<T>::V;
   constexpr int64_t L = Simd<T>::kLanes;
-  V acc[R][4] = {};
-  for (int64_t k = 0; k < P; ++k) {
-    const T* w = block + k * 4 * L;
-    const V w0 = load<V>(w), w1 = load<V>(w + L), w2 = load<V>(w + 2 * L), w3 = load<V>(w + 3 * L);
-    for (int r = 0; r < R; ++r) {
-      const T h_rk = h[r * P + k];
-      acc[r][0] += h_rk * w0;
-      acc[r][1] += h_rk * w1;
-      acc[r][2] += h_rk * w2;
-      acc[r][3] += h_rk * w3;
-    }
-  }
+  V acc[R][4];
+  multiply_block<T, R>(P, h, P, block, acc);
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < 4; ++q) {
       T* g = gates + r * 4 * H + q * H + unit0;
@@ -244,7 +258,7 @@ LSTM_FUSED_INLINE void recurrent_gates_impl(int64_t B, int64_t H, int64_t P, int
   }
 }
 
-// One block of 4L columns of dL/dh_{t-1} for R rows, in registers:
+// One block of 4L columns of dL/dh_{t-1} for R rows:
 //   grad_h[r, col0 + l] = sum_n grad_gates[r, n] * block[n, l]
 // grad_gates: R rows of stride G = 4H; block: [G, 4L] from pack_for_hidden_grad; grad_h: R rows of
 // stride P; `cols` (<= 4L) of the block's lanes are real columns.
@@ -254,18 +268,8 @@ LSTM_FUSED_INLINE void hidden_grad_block(int64_t G, int64_t P, int64_t col0, int
                                          const T* __restrict block, T* __restrict grad_h) {
   using V = typename Simd<T>::V;
   constexpr int64_t L = Simd<T>::kLanes;
-  V acc[R][4] = {};
-  for (int64_t n = 0; n < G; ++n) {
-    const T* w = block + n * 4 * L;
-    const V w0 = load<V>(w), w1 = load<V>(w + L), w2 = load<V>(w + 2 * L), w3 = load<V>(w + 3 * L);
-    for (int r = 0; r < R; ++r) {
-      const T d = grad_gates[r * G + n];
-      acc[r][0] += d * w0;
-      acc[r][1] += d * w1;
-      acc[r][2] += d * w2;
-      acc[r][3] += d * w3;
-    }
-  }
+  V acc[R][4];
+  multiply_block<T, R>(G, grad_gates, G, block, acc);
   for (int r = 0; r < R; ++r) {
     T* out = grad_h + r * P + col0;
     for (int v = 0; v < 4; ++v) {
