@@ -1,6 +1,7 @@
 // Op schemas of the lstm_fused namespace and the input checks every implementation shares.
 #include "lstm.h"
 
+#include <ATen/ATen.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -114,19 +115,43 @@ LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h
   return s;
 }
 
+BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_gates,
+                                    const at::Tensor& x, const at::Tensor& h0,
+                                    const at::Tensor& w_ih, const at::Tensor& y,
+                                    const at::Tensor& grad_proj_out, const at::Tensor& hidden_all,
+                                    at::Tensor grad_h0, at::Tensor grad_c0, bool reverse,
+                                    bool has_bias) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const auto options = x.options();
+  const at::Tensor grad_gates_2d = grad_gates.reshape({T * B, 4 * H});
+  at::Tensor grad_x = at::mm(grad_gates_2d, w_ih).view({T, B, s.input_size});
+  at::Tensor grad_w_ih = at::mm(grad_gates_2d.t(), x.reshape({T * B, s.input_size}));
+  // Step t started from y[t -/+ 1], or from h0 for the first step processed.
+  at::Tensor grad_w_hh = at::zeros({4 * H, P}, options);
+  if (T > 0) {
+    const int64_t first = reverse ? T - 1 : 0;
+    grad_w_hh.addmm_(grad_gates.select(0, first).t(), h0);
+    if (T > 1) {
+      const at::Tensor later_gates = reverse ? grad_gates.narrow(0, 0, T - 1)
+                                             : grad_gates.narrow(0, 1, T - 1);
+      const at::Tensor previous_y = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+      grad_w_hh.addmm_(later_gates.reshape({-1, 4 * H}).t(), previous_y.reshape({-1, P}));
+    }
+  }
+  at::Tensor grad_bias = has_bias ? grad_gates_2d.sum(0) : at::empty({0}, options);
+  at::Tensor grad_w_hr = grad_proj_out.defined()
+                             ? at::mm(grad_proj_out.reshape({T * B, P}).t(),
+                                      hidden_all.reshape({T * B, H}))
+                             : at::empty({0}, options);
+  return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
 }  // namespace lstm_fused
 
+#ifndef LSTM_FUSED_EMULATE_CUDA  // the emulated CUDA test build registers its own namespace
 TORCH_LIBRARY(lstm_fused, m) {
-  m.def(
-      "forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool training) "
-      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
-  m.def(
-      "backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor y, Tensor gates, "
-      "Tensor cells, bool reverse, bool has_bias) "
-      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_bias, Tensor grad_w_hr)");
+  m.def(lstm_fused::kForwardSchema);
+  m.def(lstm_fused::kBackwardSchema);
 }
 
 // Lets `import lstm_fused._C` load this library; the ops register themselves on load.
@@ -134,3 +159,4 @@ extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

@@ -48,4 +48,29 @@ LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h
                               const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                               const at::Tensor& gates, const at::Tensor& cells);
 
+// What backward computes after the pass back in time, the same on every device: dx, dW_ih, dW_hh,
+// the bias gradient and dW_hr as large GEMMs over all T * B rows, from
+//   grad_gates: [T, B, 4H] dL/dz, the pre-activation gate gradients of every step
+//   grad_proj_out, hidden_all: [T, B, P] dL/dy_t in total and [T, B, H] o * tanh(c_t) (with a
+//   projection; else undefined)
+// all of x's dtype. grad_h0 and grad_c0 are passed through into the result.
+BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_gates,
+                                    const at::Tensor& x, const at::Tensor& h0,
+                                    const at::Tensor& w_ih, const at::Tensor& y,
+                                    const at::Tensor& grad_proj_out, const at::Tensor& hidden_all,
+                                    at::Tensor grad_h0, at::Tensor grad_c0, bool reverse,
+                                    bool has_bias);
+
+// The op schemas, shared by the registration of the ops and of their CPU-emulated CUDA test build.
+constexpr const char* kForwardSchema =
+    "forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+    "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool training) "
+    "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)";
+constexpr const char* kBackwardSchema =
+    "backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, "
+    "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor y, Tensor gates, "
+    "Tensor cells, bool reverse, bool has_bias) "
+    "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+    "Tensor grad_bias, Tensor grad_w_hr)";
+
 }  // namespace lstm_fused

@@ -11,6 +11,11 @@ _PATHS = {
     #        batch 128)
     # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 128)
     "cpu": ["fused", "gemm"],
+    # One fused kernel launch per step, with a block tile of (batch rows x hidden units):
+    # step_small: 4 x 4, the product split along K too (the default up to batch 4)
+    # step_medium: 16 x 16, split along K (the default when the large tile leaves SMs idle)
+    # step_large: 64 x 32 (the default when it gives every SM a block)
+    "cuda": ["step_small", "step_medium", "step_large"],
 }
 
 

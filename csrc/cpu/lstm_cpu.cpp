@@ -740,27 +740,8 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                              grad_gates, grad_proj_out, hidden_all);
   });
 
-  // Everything that sums over steps, as large GEMMs over all T * B rows.
-  const at::Tensor grad_gates_2d = grad_gates.view({T * B, 4 * H});
-  at::Tensor grad_x = at::mm(grad_gates_2d, w_ih).view({T, B, s.input_size});
-  at::Tensor grad_w_ih = at::mm(grad_gates_2d.t(), x.reshape({T * B, s.input_size}));
-  // Step t started from y[t -/+ 1], or from h0 for the first step processed.
-  at::Tensor grad_w_hh = at::zeros({4 * H, P}, options);
-  if (T > 0) {
-    const int64_t first = reverse ? T - 1 : 0;
-    grad_w_hh.addmm_(grad_gates.select(0, first).t(), h0);
-    if (T > 1) {
-      const at::Tensor later_gates = reverse ? grad_gates.narrow(0, 0, T - 1)
-                                             : grad_gates.narrow(0, 1, T - 1);
-      const at::Tensor previous_y = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-      grad_w_hh.addmm_(later_gates.reshape({-1, 4 * H}).t(), previous_y.reshape({-1, P}));
-    }
-  }
-  at::Tensor grad_bias = has_bias ? grad_gates_2d.sum(0) : at::empty({0}, options);
-  at::Tensor grad_w_hr = has_proj ? at::mm(grad_proj_out.view({T * B, P}).t(),
-                                           hidden_all.view({T * B, H}))
-                                  : at::empty({0}, options);
-  return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  return gradients_over_steps(s, grad_gates, x, h0, w_ih, y, grad_proj_out, hidden_all, grad_h,
+                              grad_c, reverse, has_bias);
 }
 
 }  // namespace

@@ -1,0 +1,347 @@
+// CUDA implementation of the lstm_fused ops: checks, allocation, device guard, current stream,
+// dtype dispatch and the sequence of launches; the kernels are in lstm_kernels.cu.
+//
+// Forward: the input projection of every step as one GEMM (cuBLAS through ATen), then per step one
+// fused kernel (recurrent product, biases, nonlinearities, cell update). With a projection the
+// kernel writes o * tanh(c_t) and a GEMM per step maps it to y[t] (the projection needs every
+// unit of h_t, which no block has on its own).
+// Backward: per step one fused kernel (dL/dh_t from the previous kernel's dL/dz, then the gate
+// gradients; with a projection a first kernel forms dL/dh_t, a second one the gate gradients),
+// then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps (gradients_over_steps).
+//
+// Precision: float32 and float64 are computed in their own type, float16 and bfloat16 with float32
+// arithmetic, float32 cell state and float32 saved gates and cells. The step kernels never use
+// TF32; the GEMMs over all steps are ATen matmuls and follow torch.backends.cuda.matmul.allow_tf32.
+#include "../lstm.h"
+#include "lstm_kernels.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
+
+#ifdef LSTM_FUSED_EMULATE_CUDA
+// The CPU-emulated test build: CPU tensors, kernels run by the emulator, no device or stream.
+#define LSTM_FUSED_OPS lstm_fused_emulated
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define LSTM_FUSED_OPS lstm_fused
+#endif
+
+namespace lstm_fused {
+namespace {
+
+using cuda::acc_t;
+using cuda::BackwardMode;
+using cuda::StepTile;
+
+template <typename scalar_t>
+struct KernelType {
+  using type = scalar_t;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T, typename U>
+T* pointer(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr<U>());
+}
+
+#ifdef LSTM_FUSED_EMULATE_CUDA
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+int multiprocessor_count() { return 132; }  // an H100's, so that the automatic tile choice is its
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+int multiprocessor_count() {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = counts.find(device);
+  if (found != counts.end()) return found->second;
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  counts[device] = count;
+  return count;
+}
+#endif
+
+void check_launch(cudaError_t error, const char* kernel) {
+  TORCH_CHECK(error == cudaSuccess, "lstm_fused: launching the CUDA ", kernel, " failed: ",
+              cudaGetErrorString(error));
+}
+
+// The one place that picks the CUDA step kernel's tile (the environment variable LSTM_FUSED_PATH,
+// set by lstm_fused.force_path, forces one; auto chooses by batch and size).
+StepTile step_tile() {
+  const char* forced = std::getenv("LSTM_FUSED_PATH");
+  if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) {
+    return StepTile::kAuto;
+  }
+  if (std::strcmp(forced, "step_small") == 0) return StepTile::kSmall;
+  if (std::strcmp(forced, "step_medium") == 0) return StepTile::kMedium;
+  if (std::strcmp(forced, "step_large") == 0) return StepTile::kLarge;
+  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_PATH must be auto, step_small, step_medium or ",
+              "step_large on CUDA, got '", forced, "'");
+}
+
+void check_cuda_sizes(const LstmSizes& s) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max() / 4;
+  TORCH_CHECK(s.batch <= kMax && 4 * s.hidden_size <= kMax && s.output_size <= kMax,
+              "lstm_fused: batch, 4 * hidden_size and proj_size must be below ", kMax,
+              " on CUDA");
+}
+
+at::ScalarType accumulate_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// [T, B] true where step t is padding for row b.
+at::Tensor padding_mask(const at::Tensor& lengths, int64_t T) {
+  return at::arange(T, lengths.options()).unsqueeze(1) >= lengths.unsqueeze(0);
+}
+
+template <typename scalar_t>
+void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::Tensor& bias,
+                   const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                   const std::optional<at::Tensor>& w_hr, const at::Tensor& lengths, bool reverse,
+                   at::Tensor& y, at::Tensor& cells, at::Tensor& gates) {
+  using T = typename KernelType<scalar_t>::type;
+  using Acc = acc_t<T>;
+  const int64_t T_ = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const bool training = gates.defined(), has_proj = w_hr.has_value();
+  const StepTile tile = step_tile();
+  const int multiprocessors = multiprocessor_count();
+  const cudaStream_t stream = current_stream();
+  at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
+  const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
+  const at::Tensor padded = has_proj && lengths.defined() ? padding_mask(lengths, T_) : at::Tensor();
+
+  cuda::ForwardStep<T> step{};
+  step.batch = static_cast<int>(B);
+  step.hidden_size = static_cast<int>(H);
+  step.output_size = static_cast<int>(P);
+  step.w_hh = pointer<const T, scalar_t>(w_hh);
+  step.bias = bias.defined() ? bias.data_ptr<Acc>() : nullptr;
+  step.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  step.has_projection = has_proj;
+  for (int64_t n = 0; n < T_; ++n) {
+    const int64_t t = reverse ? T_ - 1 - n : n;
+    const int64_t t_prev = reverse ? t + 1 : t - 1;
+    // Training keeps every cell state; inference alternates between two buffers.
+    const int64_t slot = training ? t : n % 2, slot_prev = training ? t_prev : (n - 1) % 2;
+    const at::Tensor h_prev = n == 0 ? h0 : y.select(0, t_prev);
+    step.t = t;
+    step.h_prev = pointer<const T, scalar_t>(h_prev);
+    step.c_prev = n == 0 ? c0.data_ptr<Acc>() : cells.select(0, slot_prev).data_ptr<Acc>();
+    step.c_next = cells.select(0, slot).data_ptr<Acc>();
+    step.input_gates = pointer<const T, scalar_t>(input_gates.select(0, t));
+    step.hidden_out = pointer<T, scalar_t>(has_proj ? hidden : y.select(0, t));
+    step.gates = training ? gates.select(0, t).data_ptr<Acc>() : nullptr;
+    check_launch(cuda::launch_forward_step<T>(step, tile, multiprocessors, stream),
+                 "forward step kernel");
+    if (has_proj) {
+      at::Tensor y_t = y.select(0, t);
+      at::mm_out(y_t, hidden, w_hr_t);
+      if (padded.defined()) y_t.copy_(at::where(padded.select(0, t).unsqueeze(1), h_prev, y_t));
+    }
+  }
+}
+
+ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
+  const LstmSizes s = check_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  check_cuda_sizes(s);
+  DeviceGuard guard(x.device());
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const auto options = x.options();
+  const auto acc_options = options.dtype(accumulate_type(x));
+
+  // The input projection of all steps at once, in x's dtype; the biases are added in the kernel.
+  const at::Tensor input_gates =
+      at::mm(x.reshape({T * B, s.input_size}), w_ih.t()).view({T, B, 4 * H});
+  at::Tensor bias;
+  if (b_ih.has_value() || b_hh.has_value()) {
+    bias = at::zeros({4 * H}, acc_options);
+    if (b_ih.has_value()) bias.add_(*b_ih);
+    if (b_hh.has_value()) bias.add_(*b_hh);
+  }
+  at::Tensor y = at::empty({T, B, P}, options);
+  at::Tensor cells = at::empty({training ? T : 2, B, H}, acc_options);
+  at::Tensor gates = training ? at::empty({T, B, 4 * H}, acc_options) : at::Tensor();
+  const at::Tensor h0_c = h0.contiguous(), c0_acc = c0.to(acc_options).contiguous();
+  const at::Tensor w_hh_c = w_hh.contiguous();
+  const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_forward_cuda", [&] {
+    forward_steps<scalar_t>(s, input_gates, bias, h0_c, c0_acc, w_hh_c, w_hr, lengths_c, reverse,
+                            y, cells, gates);
+  });
+
+  const int64_t last = reverse ? 0 : T - 1;
+  at::Tensor h_n = T > 0 ? y.select(0, last).clone() : h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c_n = T > 0 ? cells.select(0, training ? last : (T - 1) % 2).to(x.scalar_type(),
+                                                                            false, true)
+                         : c0.clone(at::MemoryFormat::Contiguous);
+  if (!training) {
+    gates = at::empty({0}, options);
+    cells = at::empty({0}, options);
+  }
+  return {y, h_n, c_n, gates, cells};
+}
+
+template <typename scalar_t>
+void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tensor& c0,
+                    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                    const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& lengths,
+                    bool reverse, at::Tensor& grad_h, at::Tensor& grad_c, at::Tensor& grad_gates,
+                    at::Tensor& grad_proj_out, at::Tensor& hidden_all) {
+  using T = typename KernelType<scalar_t>::type;
+  using Acc = acc_t<T>;
+  const int64_t T_ = s.seq_len, H = s.hidden_size, P = s.output_size;
+  const bool has_proj = w_hr.has_value();
+  const StepTile tile = step_tile();
+  const int multiprocessors = multiprocessor_count();
+  const cudaStream_t stream = current_stream();
+
+  cuda::BackwardStep<T> step{};
+  step.batch = static_cast<int>(s.batch);
+  step.hidden_size = static_cast<int>(H);
+  step.output_size = static_cast<int>(P);
+  step.grad_h = grad_h.data_ptr<Acc>();
+  step.grad_c = grad_c.data_ptr<Acc>();
+  step.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  // dL/dh_t from dL/dz_{t_next} (or as given at the first step), written into grad_h and, with a
+  // projection, grad_y[t] + dL/dh_t into grad_proj_out[t].
+  auto receive_hidden_grad = [&](int64_t t_next, bool first, at::Tensor grad_total) {
+    step.a = first ? nullptr : grad_gates.select(0, t_next).data_ptr<Acc>();
+    step.k = static_cast<int>(4 * H);
+    step.w = pointer<const T, scalar_t>(w_hh);
+    step.t_next = t_next;
+    step.first = first;
+    step.grad_y_next = first ? nullptr : pointer<const T, scalar_t>(grad_y.select(0, t_next));
+    step.grad_total = grad_total.defined() ? grad_total.data_ptr<Acc>() : nullptr;
+    check_launch(cuda::launch_backward_step<T>(step, BackwardMode::kHiddenGrad, tile,
+                                               multiprocessors, stream),
+                 "backward hidden-gradient kernel");
+  };
+  for (int64_t n = 0; n < T_; ++n) {
+    const int64_t t = reverse ? n : T_ - 1 - n;
+    const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
+    const int64_t t_next = reverse ? t - 1 : t + 1;  // the step that started from t
+    const bool from_initial = reverse ? t_prev >= T_ : t_prev < 0;
+    step.t = t;
+    step.grad_y = pointer<const T, scalar_t>(grad_y.select(0, t));
+    step.gates = gates.select(0, t).data_ptr<Acc>();
+    step.cell = cells.select(0, t).data_ptr<Acc>();
+    step.c_prev = from_initial ? c0.data_ptr<Acc>() : cells.select(0, t_prev).data_ptr<Acc>();
+    step.grad_gates = grad_gates.select(0, t).data_ptr<Acc>();
+    if (has_proj) {
+      const at::Tensor grad_total = grad_proj_out.select(0, t);
+      receive_hidden_grad(t_next, n == 0, grad_total);
+      step.a = grad_total.data_ptr<Acc>();
+      step.k = static_cast<int>(P);
+      step.w = pointer<const T, scalar_t>(*w_hr);
+      step.hidden_out = pointer<T, scalar_t>(hidden_all.select(0, t));
+      check_launch(cuda::launch_backward_step<T>(step, BackwardMode::kGates, tile,
+                                                 multiprocessors, stream),
+                   "backward gate kernel");
+    } else {
+      step.a = n == 0 ? nullptr : grad_gates.select(0, t_next).data_ptr<Acc>();
+      step.k = static_cast<int>(4 * H);
+      step.w = pointer<const T, scalar_t>(w_hh);
+      step.t_next = t_next;
+      step.first = n == 0;
+      step.grad_y_next = n == 0 ? nullptr : pointer<const T, scalar_t>(grad_y.select(0, t_next));
+      step.hidden_out = nullptr;
+      check_launch(cuda::launch_backward_step<T>(step, BackwardMode::kFused, tile,
+                                                 multiprocessors, stream),
+                   "backward step kernel");
+    }
+  }
+  // dL/dh_0: what the first step processed sends back.
+  const int64_t t_first = reverse ? T_ - 1 : 0;
+  step.grad_y = pointer<const T, scalar_t>(grad_y.select(0, t_first));
+  receive_hidden_grad(t_first, false, at::Tensor());
+}
+
+BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& x,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                             const at::Tensor& gates, const at::Tensor& cells, bool reverse,
+                             bool has_bias) {
+  const LstmSizes s = check_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+                                          lengths, y, gates, cells);
+  check_cuda_sizes(s);
+  DeviceGuard guard(x.device());
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const auto dtype = x.scalar_type();
+  const auto acc_options = x.options().dtype(accumulate_type(x));
+  const bool has_proj = w_hr.has_value();
+
+  at::Tensor grad_gates = at::empty({T, B, 4 * H}, acc_options);
+  at::Tensor grad_proj_out = has_proj ? at::empty({T, B, P}, acc_options) : at::Tensor();
+  at::Tensor hidden_all = has_proj ? at::empty({T, B, H}, x.options()) : at::Tensor();
+  at::Tensor grad_h = grad_h_n.to(acc_options, false, true).contiguous();
+  at::Tensor grad_c = grad_c_n.to(acc_options, false, true).contiguous();
+  const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const std::optional<at::Tensor> w_hr_c =
+      has_proj ? std::optional<at::Tensor>(w_hr->contiguous()) : std::nullopt;
+
+  if (T > 0 && B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_fused_backward_cuda",
+                                    [&] {
+      backward_steps<scalar_t>(s, grad_y.contiguous(), c0.to(acc_options).contiguous(),
+                               w_hh.contiguous(), w_hr_c, gates.contiguous(), cells.contiguous(),
+                               lengths_c, reverse, grad_h, grad_c, grad_gates, grad_proj_out,
+                               hidden_all);
+    });
+  }
+  // The GEMMs over all steps run in x's dtype (float32 accumulation inside cuBLAS).
+  return gradients_over_steps(s, grad_gates.to(dtype), x, h0, w_ih, y,
+                              has_proj ? grad_proj_out.to(dtype) : at::Tensor(), hidden_all,
+                              grad_h.to(dtype), grad_c.to(dtype), reverse, has_bias);
+}
+
+}  // namespace
+}  // namespace lstm_fused
+
+#ifdef LSTM_FUSED_EMULATE_CUDA
+TORCH_LIBRARY(lstm_fused_emulated, m) {
+  m.def(lstm_fused::kForwardSchema);
+  m.def(lstm_fused::kBackwardSchema);
+  // Kernel launches so far on this thread, so that tests can count launches per step.
+  m.def("launch_count() -> int",
+        []() -> int64_t { return static_cast<int64_t>(cuda_emulation::launch_count()); });
+}
+TORCH_LIBRARY_IMPL(lstm_fused_emulated, CPU, m) {
+#else
+TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
+#endif
+  m.impl("forward", &lstm_fused::forward_cuda);
+  m.impl("backward", &lstm_fused::backward_cuda);
+}
