@@ -71,7 +71,7 @@ if cuda:
         "lstm_fused._C",
         sources("*.cpp", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"),
         define_macros=[("LSTM_FUSED_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         extra_link_args=link_flags,
     )
 else:

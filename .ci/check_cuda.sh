@@ -14,7 +14,10 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for source in "${sources[@]}"; do
   echo "check_cuda: $source"
+  # The half-type flags are those torch's build adds: they disable implicit conversions.
   if ! nvcc -std=c++17 -O3 -Icsrc -c "$source" -o "$out/$(basename "$source").o" \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
       -Xptxas -v -Werror all-warnings >"$out/log" 2>&1; then
     cat "$out/log" >&2

@@ -40,7 +40,7 @@ def _jit_build() -> None:
         extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno"] + openmp
         + (["-DLSTM_FUSED_WITH_CUDA"] if with_cuda else []),
         extra_ldflags=openmp,
-        extra_cuda_cflags=["-O3", "--use_fast_math"],
+        extra_cuda_cflags=["-O3"],
         with_cuda=with_cuda,
         is_python_module=False,
     )

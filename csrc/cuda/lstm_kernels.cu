@@ -81,32 +81,62 @@ __device__ __forceinline__ void tile_product(const TA* __restrict__ a, int k_siz
 #pragma unroll
       for (int q = 0; q < GATES; ++q) acc[i][j][q] = Acc(0);
 
+  // Each K tile is fetched into registers while the previous one is multiplied, then stored to
+  // shared memory: the global loads of tile n + 1 overlap the arithmetic of tile n.
+  constexpr int kALoads = (Cfg::BM * Cfg::KT + Cfg::THREADS - 1) / Cfg::THREADS;
+  constexpr int kWLoads = (GATES * Cfg::BU * Cfg::KT + Cfg::THREADS - 1) / Cfg::THREADS;
+  Acc a_next[kALoads];
+  Acc w_next[kWLoads];
+  auto fetch = [&](int k0) {
+#pragma unroll
+    for (int r = 0; r < kALoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      const int row = row0 + e / Cfg::KT, k = k0 + e % Cfg::KT;
+      a_next[r] = (e < Cfg::BM * Cfg::KT && row < rows && k < k_size)
+                      ? static_cast<Acc>(to_acc(a[static_cast<int64_t>(row) * k_size + k]))
+                      : Acc(0);
+    }
+#pragma unroll
+    for (int r = 0; r < kWLoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      bool inside = e < GATES * Cfg::BU * Cfg::KT;
+      int64_t at = 0;
+      if (kWeightRowsAlongK) {  // consecutive threads read consecutive k of one weight row
+        const int n = e / Cfg::KT, k = k0 + e % Cfg::KT;
+        const int q = n / Cfg::BU, column = column0 + n % Cfg::BU;
+        inside = inside && column < columns && k < k_size;
+        at = (q * gate_stride + column) * ldw + k;
+      } else {  // consecutive threads read consecutive columns of one weight row
+        const int column = column0 + e % Cfg::BU, k = k0 + e / Cfg::BU;
+        inside = inside && column < columns && k < k_size;
+        at = static_cast<int64_t>(k) * ldw + column;
+      }
+      w_next[r] = inside ? static_cast<Acc>(to_acc(w[at])) : Acc(0);
+    }
+  };
+  auto stash = [&]() {
+#pragma unroll
+    for (int r = 0; r < kALoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      if (e < Cfg::BM * Cfg::KT) a_tile[e / Cfg::KT][e % Cfg::KT] = a_next[r];
+    }
+#pragma unroll
+    for (int r = 0; r < kWLoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      if (e >= GATES * Cfg::BU * Cfg::KT) continue;
+      if (kWeightRowsAlongK) {
+        w_tile[e / Cfg::KT][e % Cfg::KT] = w_next[r];
+      } else {
+        w_tile[e % Cfg::BU][e / Cfg::BU] = w_next[r];
+      }
+    }
+  };
+
+  if (k_size > 0) fetch(0);
   for (int k0 = 0; k0 < k_size; k0 += Cfg::KT) {
-    for (int e = tid; e < Cfg::BM * Cfg::KT; e += Cfg::THREADS) {
-      const int m = e / Cfg::KT, kk = e % Cfg::KT;
-      const int row = row0 + m, k = k0 + kk;
-      a_tile[m][kk] = (row < rows && k < k_size)
-                          ? static_cast<Acc>(to_acc(a[static_cast<int64_t>(row) * k_size + k]))
-                          : Acc(0);
-    }
-    if (kWeightRowsAlongK) {  // consecutive threads read consecutive k of one weight row
-      for (int e = tid; e < GATES * Cfg::BU * Cfg::KT; e += Cfg::THREADS) {
-        const int n = e / Cfg::KT, kk = e % Cfg::KT;
-        const int q = n / Cfg::BU, column = column0 + n % Cfg::BU, k = k0 + kk;
-        w_tile[n][kk] = (column < columns && k < k_size)
-                            ? static_cast<Acc>(to_acc(w[(q * gate_stride + column) * ldw + k]))
-                            : Acc(0);
-      }
-    } else {  // consecutive threads read consecutive columns of one weight row
-      for (int e = tid; e < Cfg::BU * Cfg::KT; e += Cfg::THREADS) {
-        const int n = e % Cfg::BU, kk = e / Cfg::BU;
-        const int column = column0 + n, k = k0 + kk;
-        w_tile[n][kk] = (column < columns && k < k_size)
-                            ? static_cast<Acc>(to_acc(w[static_cast<int64_t>(k) * ldw + column]))
-                            : Acc(0);
-      }
-    }
+    stash();
     __syncthreads();
+    if (k0 + Cfg::KT < k_size) fetch(k0 + Cfg::KT);
 #pragma unroll 4
     for (int kk = ks; kk < Cfg::KT; kk += Cfg::KSPLIT) {
       Acc a_reg[Cfg::TM];
@@ -180,8 +210,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) forward_step_kernel(const Forwar
     Acc* gates = s.gates ? s.gates + row * 4 * H : nullptr;
     if (is_padding(s.lengths, s.t, b)) {
       s.c_next[row * H + u] = s.c_prev[row * H + u];
-      s.hidden_out[row * out_stride + u] =
-          s.has_projection ? T(Acc(0)) : s.h_prev[row * P + u];
+      if (s.has_projection) {
+        store(s.hidden_out + row * out_stride + u, Acc(0));
+      } else {
+        s.hidden_out[row * out_stride + u] = s.h_prev[row * P + u];
+      }
       if (gates) {
         for (int q = 0; q < 4; ++q) gates[q * H + u] = Acc(0);
       }
