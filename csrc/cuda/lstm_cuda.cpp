@@ -132,8 +132,15 @@ void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::
   const cudaStream_t stream = current_stream();
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
-  const at::Tensor padded = has_proj && lengths.defined() ? padding_mask(lengths, T_) : at::Tensor();
+  const at::Tensor padded =
+      has_proj && lengths.defined() ? padding_mask(lengths, T_) : at::Tensor();
 
+  // Raw pointers per step, from the step's index alone; tensor views only where a GEMM needs one
+  // (making a view costs about as much host time as launching a small step).
+  T* const y_data = pointer<T, scalar_t>(y);
+  const T* const input_gates_data = pointer<const T, scalar_t>(input_gates);
+  Acc* const cells_data = cells.data_ptr<Acc>();
+  Acc* const gates_data = training ? gates.data_ptr<Acc>() : nullptr;
   cuda::ForwardStep<T> step{};
   step.batch = static_cast<int>(B);
   step.hidden_size = static_cast<int>(H);
@@ -142,25 +149,28 @@ void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::
   step.bias = bias.defined() ? bias.data_ptr<Acc>() : nullptr;
   step.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   step.has_projection = has_proj;
+  if (has_proj) step.hidden_out = pointer<T, scalar_t>(hidden);
   for (int64_t n = 0; n < T_; ++n) {
     const int64_t t = reverse ? T_ - 1 - n : n;
     const int64_t t_prev = reverse ? t + 1 : t - 1;
     // Training keeps every cell state; inference alternates between two buffers.
     const int64_t slot = training ? t : n % 2, slot_prev = training ? t_prev : (n - 1) % 2;
-    const at::Tensor h_prev = n == 0 ? h0 : y.select(0, t_prev);
     step.t = t;
-    step.h_prev = pointer<const T, scalar_t>(h_prev);
-    step.c_prev = n == 0 ? c0.data_ptr<Acc>() : cells.select(0, slot_prev).data_ptr<Acc>();
-    step.c_next = cells.select(0, slot).data_ptr<Acc>();
-    step.input_gates = pointer<const T, scalar_t>(input_gates.select(0, t));
-    step.hidden_out = pointer<T, scalar_t>(has_proj ? hidden : y.select(0, t));
-    step.gates = training ? gates.select(0, t).data_ptr<Acc>() : nullptr;
+    step.h_prev = n == 0 ? pointer<const T, scalar_t>(h0) : y_data + t_prev * B * P;
+    step.c_prev = n == 0 ? c0.data_ptr<Acc>() : cells_data + slot_prev * B * H;
+    step.c_next = cells_data + slot * B * H;
+    step.input_gates = input_gates_data + t * B * 4 * H;
+    if (!has_proj) step.hidden_out = y_data + t * B * P;
+    step.gates = training ? gates_data + t * B * 4 * H : nullptr;
     check_launch(cuda::launch_forward_step<T>(step, tile, multiprocessors, stream),
                  "forward step kernel");
     if (has_proj) {
       at::Tensor y_t = y.select(0, t);
       at::mm_out(y_t, hidden, w_hr_t);
-      if (padded.defined()) y_t.copy_(at::where(padded.select(0, t).unsqueeze(1), h_prev, y_t));
+      if (padded.defined()) {
+        const at::Tensor h_prev = n == 0 ? h0 : y.select(0, t_prev);
+        y_t.copy_(at::where(padded.select(0, t).unsqueeze(1), h_prev, y_t));
+      }
     }
   }
 }
@@ -226,26 +236,35 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
   const int multiprocessors = multiprocessor_count();
   const cudaStream_t stream = current_stream();
 
+  // Raw pointers per step, from the step's index alone (see forward_steps).
+  const int64_t B = s.batch;
+  const T* const grad_y_data = pointer<const T, scalar_t>(grad_y);
+  const Acc* const gates_data = gates.data_ptr<Acc>();
+  const Acc* const cells_data = cells.data_ptr<Acc>();
+  Acc* const grad_gates_data = grad_gates.data_ptr<Acc>();
+  Acc* const grad_total_data = has_proj ? grad_proj_out.data_ptr<Acc>() : nullptr;
+  T* const hidden_data = has_proj ? pointer<T, scalar_t>(hidden_all) : nullptr;
+  const T* const w_hh_data = pointer<const T, scalar_t>(w_hh);
+  const T* const w_hr_data = has_proj ? pointer<const T, scalar_t>(*w_hr) : nullptr;
   cuda::BackwardStep<T> step{};
-  step.batch = static_cast<int>(s.batch);
+  step.batch = static_cast<int>(B);
   step.hidden_size = static_cast<int>(H);
   step.output_size = static_cast<int>(P);
   step.grad_h = grad_h.data_ptr<Acc>();
   step.grad_c = grad_c.data_ptr<Acc>();
   step.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  // dL/dh_t from dL/dz_{t_next} (or as given at the first step), written into grad_h and, with a
-  // projection, grad_y[t] + dL/dh_t into grad_proj_out[t].
-  auto receive_hidden_grad = [&](int64_t t_next, bool first, at::Tensor grad_total) {
-    step.a = first ? nullptr : grad_gates.select(0, t_next).data_ptr<Acc>();
+  // G_t: dL/dh_t received from step t_next (or as given at the first step), into grad_h; the
+  // product's operands are dL/dz_{t_next} and W_hh.
+  auto set_received = [&](int64_t t_next, bool first) {
+    step.a = first ? nullptr : grad_gates_data + t_next * B * 4 * H;
     step.k = static_cast<int>(4 * H);
-    step.w = pointer<const T, scalar_t>(w_hh);
+    step.w = w_hh_data;
     step.t_next = t_next;
     step.first = first;
-    step.grad_y_next = first ? nullptr : pointer<const T, scalar_t>(grad_y.select(0, t_next));
-    step.grad_total = grad_total.defined() ? grad_total.data_ptr<Acc>() : nullptr;
-    check_launch(cuda::launch_backward_step<T>(step, BackwardMode::kHiddenGrad, tile,
-                                               multiprocessors, stream),
-                 "backward hidden-gradient kernel");
+    step.grad_y_next = first ? nullptr : grad_y_data + t_next * B * P;
+  };
+  auto launch = [&](BackwardMode mode, const char* kernel) {
+    check_launch(cuda::launch_backward_step<T>(step, mode, tile, multiprocessors, stream), kernel);
   };
   for (int64_t n = 0; n < T_; ++n) {
     const int64_t t = reverse ? n : T_ - 1 - n;
@@ -253,38 +272,30 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
     const int64_t t_next = reverse ? t - 1 : t + 1;  // the step that started from t
     const bool from_initial = reverse ? t_prev >= T_ : t_prev < 0;
     step.t = t;
-    step.grad_y = pointer<const T, scalar_t>(grad_y.select(0, t));
-    step.gates = gates.select(0, t).data_ptr<Acc>();
-    step.cell = cells.select(0, t).data_ptr<Acc>();
-    step.c_prev = from_initial ? c0.data_ptr<Acc>() : cells.select(0, t_prev).data_ptr<Acc>();
-    step.grad_gates = grad_gates.select(0, t).data_ptr<Acc>();
+    step.grad_y = grad_y_data + t * B * P;
+    step.gates = gates_data + t * B * 4 * H;
+    step.cell = cells_data + t * B * H;
+    step.c_prev = from_initial ? c0.data_ptr<Acc>() : cells_data + t_prev * B * H;
+    step.grad_gates = grad_gates_data + t * B * 4 * H;
+    set_received(t_next, n == 0);
     if (has_proj) {
-      const at::Tensor grad_total = grad_proj_out.select(0, t);
-      receive_hidden_grad(t_next, n == 0, grad_total);
-      step.a = grad_total.data_ptr<Acc>();
+      // First G_t and grad_y[t] + G_t, then the gate gradients from (grad_y[t] + G_t) W_hr.
+      step.grad_total = grad_total_data + t * B * P;
+      launch(BackwardMode::kHiddenGrad, "backward hidden-gradient kernel");
+      step.a = step.grad_total;
       step.k = static_cast<int>(P);
-      step.w = pointer<const T, scalar_t>(*w_hr);
-      step.hidden_out = pointer<T, scalar_t>(hidden_all.select(0, t));
-      check_launch(cuda::launch_backward_step<T>(step, BackwardMode::kGates, tile,
-                                                 multiprocessors, stream),
-                   "backward gate kernel");
+      step.w = w_hr_data;
+      step.hidden_out = hidden_data + t * B * H;
+      launch(BackwardMode::kGates, "backward gate kernel");
     } else {
-      step.a = n == 0 ? nullptr : grad_gates.select(0, t_next).data_ptr<Acc>();
-      step.k = static_cast<int>(4 * H);
-      step.w = pointer<const T, scalar_t>(w_hh);
-      step.t_next = t_next;
-      step.first = n == 0;
-      step.grad_y_next = n == 0 ? nullptr : pointer<const T, scalar_t>(grad_y.select(0, t_next));
-      step.hidden_out = nullptr;
-      check_launch(cuda::launch_backward_step<T>(step, BackwardMode::kFused, tile,
-                                                 multiprocessors, stream),
-                   "backward step kernel");
+      launch(BackwardMode::kFused, "backward step kernel");
     }
   }
   // dL/dh_0: what the first step processed sends back.
   const int64_t t_first = reverse ? T_ - 1 : 0;
-  step.grad_y = pointer<const T, scalar_t>(grad_y.select(0, t_first));
-  receive_hidden_grad(t_first, false, at::Tensor());
+  set_received(t_first, false);
+  step.grad_total = nullptr;
+  launch(BackwardMode::kHiddenGrad, "backward hidden-gradient kernel");
 }
 
 BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
