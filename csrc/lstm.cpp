@@ -115,6 +115,22 @@ LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h
   return s;
 }
 
+ForwardResult forward_result(const LstmSizes& s, at::Tensor y, at::Tensor cells, at::Tensor gates,
+                             const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             bool reverse, bool training) {
+  const int64_t T = s.seq_len;
+  const int64_t last = reverse ? 0 : T - 1;
+  at::Tensor h_n = T > 0 ? y.select(0, last).clone() : h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c_n = T > 0 ? cells.select(0, training ? last : (T - 1) % 2)
+                               .to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true)
+                         : c0.clone(at::MemoryFormat::Contiguous);
+  if (!training) {
+    gates = at::empty({0}, x.options());
+    cells = at::empty({0}, x.options());
+  }
+  return {y, h_n, c_n, gates, cells};
+}
+
 BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_gates,
                                     const at::Tensor& x, const at::Tensor& h0,
                                     const at::Tensor& w_ih, const at::Tensor& y,

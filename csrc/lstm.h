@@ -48,6 +48,13 @@ LstmSizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h
                               const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                               const at::Tensor& gates, const at::Tensor& cells);
 
+// The forward op's result from the buffers its pass filled: h_n and c_n copied out of y and cells
+// (cells holds every step when training, else the last two steps in turn; c_n gets x's dtype),
+// and empty gates and cells when not training.
+ForwardResult forward_result(const LstmSizes& s, at::Tensor y, at::Tensor cells, at::Tensor gates,
+                             const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             bool reverse, bool training);
+
 // What backward computes after the pass back in time, the same on every device: dx, dW_ih, dW_hh,
 // the bias gradient and dW_hr as large GEMMs over all T * B rows, from
 //   grad_gates: [T, B, 4H] dL/dz, the pre-activation gate gradients of every step

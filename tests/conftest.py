@@ -39,6 +39,24 @@ def assert_close_to(actual, expected, reference64, dtype, name):
         f"max |nn.LSTM - float64| = {own_error.max().item():.3g}")
 
 
+# The gradients the backward op returns, by the name of the forward op's argument.
+OP_GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "w_hr")
+
+
+def op_reference(inputs, reverse, upstream):
+    """lstm_reference in float64 on the forward op's arguments (a dict by argument name): its
+    outputs (y, h_n, c_n) and the gradients, by name, of sum(output * upstream)."""
+    leaves = {k: (v.double().requires_grad_() if v is not None and v.is_floating_point() else v)
+              for k, v in inputs.items()}
+    y, (h_n, c_n) = lstm_fused.lstm_reference(
+        leaves["x"], (leaves["h0"], leaves["c0"]), leaves["w_ih"], leaves["w_hh"], leaves["b_ih"],
+        leaves["b_hh"], leaves["w_hr"], reverse=reverse, lengths=leaves["lengths"])
+    names = [n for n in OP_GRAD_NAMES if leaves[n] is not None]
+    grads = torch.autograd.grad((y, h_n, c_n), [leaves[n] for n in names],
+                                [g.double() for g in upstream])
+    return (y.detach(), h_n.detach(), c_n.detach()), dict(zip(names, grads))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -15,6 +15,7 @@ from torch.utils import cpp_extension
 
 import lstm_fused
 from lstm_fused import ops as lstm_ops
+from conftest import OP_GRAD_NAMES, op_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 TILES = ["step_small", "step_medium", "step_large"]
@@ -87,31 +88,13 @@ def run_op(namespace, inputs, reverse, grad_seed=1):
     return (y, h_n, c_n), grads, (grad_y, grad_h, grad_c), (gates, cells)
 
 
-def reference_results(inputs, reverse, upstream):
-    """Outputs and gradients of lstm_reference in float64, with the same upstream gradients."""
-    leaves = {k: (v.double().requires_grad_() if v is not None and v.is_floating_point() else v)
-              for k, v in inputs.items()}
-    y, (h_n, c_n) = lstm_fused.lstm_reference(
-        leaves["x"], (leaves["h0"], leaves["c0"]), leaves["w_ih"], leaves["w_hh"], leaves["b_ih"],
-        leaves["b_hh"], leaves["w_hr"], reverse=reverse, lengths=leaves["lengths"])
-    names = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "w_hr"]
-    wrt = [leaves[n] for n in names if leaves[n] is not None]
-    grads = torch.autograd.grad((y, h_n, c_n), wrt, [g.double() for g in upstream],
-                                allow_unused=True)
-    by_name = dict(zip([n for n in names if leaves[n] is not None], grads))
-    return (y, h_n, c_n), by_name
-
-
-GRAD_NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "w_hr"]
-
-
 def compare(inputs, reverse, namespace, atol, rtol):
     outputs, grads, upstream, _ = run_op(namespace, inputs, reverse)
-    expected_outputs, expected_grads = reference_results(inputs, reverse, upstream)
+    expected_outputs, expected_grads = op_reference(inputs, reverse, upstream)
     for name, actual, expected in zip(["y", "h_n", "c_n"], outputs, expected_outputs):
         torch.testing.assert_close(actual.double(), expected.detach(), atol=atol, rtol=rtol,
                                    msg=lambda m, n=name: f"{n}: {m}")
-    for name, actual in zip(GRAD_NAMES, grads):
+    for name, actual in zip(OP_GRAD_NAMES, grads):
         if name not in expected_grads:
             continue
         torch.testing.assert_close(actual.double(), expected_grads[name], atol=atol, rtol=rtol,
@@ -177,10 +160,10 @@ def test_half_types(emulated, dtype, atol, proj):
     # The saved activations are float32, as the fake kernel declares.
     assert all(t.dtype == torch.float32 for t in saved)
     assert all(t.dtype == dtype for t in outputs + tuple(g for g in grads if g.numel()))
-    expected_outputs, expected_grads = reference_results(inputs, False, upstream)
+    expected_outputs, expected_grads = op_reference(inputs, False, upstream)
     for actual, expected in zip(outputs, expected_outputs):
         torch.testing.assert_close(actual.double(), expected.detach(), atol=atol, rtol=atol)
-    for name, actual in zip(GRAD_NAMES, grads):
+    for name, actual in zip(OP_GRAD_NAMES, grads):
         if name in expected_grads:
             torch.testing.assert_close(actual.double(), expected_grads[name], atol=4 * atol,
                                        rtol=4 * atol, msg=lambda m, n=name: f"grad {n}: {m}")

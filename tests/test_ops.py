@@ -8,6 +8,7 @@ import torch
 
 import lstm_fused
 from lstm_fused import lstm, lstm_reference
+from lstm_fused import ops as lstm_ops
 
 SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ = 6, 4, 5, 7, 3
 
@@ -253,3 +254,17 @@ def test_torch_compile_dynamic_shapes_one_graph():
         (grad_expected,) = torch.autograd.grad(expected.sum(), x)
         torch.testing.assert_close(grad, grad_expected)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_outputs_as_the_fake_kernel_declares(training, dtype):
+    """Every output of the CPU op has the shape, dtype and layout the fake kernel declares."""
+    T, B, I, H, P = 3, 2, 4, 5, 3
+    args = [torch.randn(T, B, I), torch.randn(B, P), torch.randn(B, H), torch.randn(4 * H, I),
+            torch.randn(4 * H, P), torch.randn(4 * H), torch.randn(4 * H), torch.randn(P, H)]
+    args = [a.to(dtype) for a in args] + [torch.tensor([3, 1])]
+    real = torch.ops.lstm_fused.forward(*args, False, training)
+    fake = lstm_ops._forward_fake(*[a.to("meta") for a in args], False, training)
+    for r, f in zip(real, fake):
+        assert (r.shape, r.dtype, r.is_contiguous()) == (f.shape, f.dtype, True)

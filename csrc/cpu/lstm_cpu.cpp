@@ -541,6 +541,11 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
         forward_cpu(to_float(x), to_float(h0), to_float(c0), to_float(w_ih), to_float(w_hh),
                     to_float(b_ih), to_float(b_hh), to_float(w_hr), lengths, reverse, training);
     const auto dtype = x.scalar_type();
+    // Saved activations stay float32; the empty placeholders of inference take x's dtype.
+    if (!training) {
+      gates = at::empty({0}, x.options());
+      cells = at::empty({0}, x.options());
+    }
     return {y.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells};
   }
   check_cpu_dtype(x);
@@ -568,15 +573,7 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
                             lengths_data, reverse);
   });
 
-  const int64_t last = reverse ? 0 : T - 1;
-  at::Tensor h_n = T > 0 ? y.select(0, last).clone() : h0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor c_n = T > 0 ? cells.select(0, training ? last : (T - 1) % 2).clone()
-                         : c0.clone(at::MemoryFormat::Contiguous);
-  if (!training) {
-    gates = at::empty({0}, options);
-    cells = at::empty({0}, options);
-  }
-  return {y, h_n, c_n, gates, cells};
+  return forward_result(s, y, cells, gates, x, h0, c0, reverse, training);
 }
 
 template <typename scalar_t>

@@ -210,16 +210,7 @@ ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::
                             y, cells, gates);
   });
 
-  const int64_t last = reverse ? 0 : T - 1;
-  at::Tensor h_n = T > 0 ? y.select(0, last).clone() : h0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor c_n = T > 0 ? cells.select(0, training ? last : (T - 1) % 2).to(x.scalar_type(),
-                                                                            false, true)
-                         : c0.clone(at::MemoryFormat::Contiguous);
-  if (!training) {
-    gates = at::empty({0}, options);
-    cells = at::empty({0}, options);
-  }
-  return {y, h_n, c_n, gates, cells};
+  return forward_result(s, y, cells, gates, x, h0, c0, reverse, training);
 }
 
 template <typename scalar_t>
