@@ -13,8 +13,10 @@ _PATHS = {
     "cpu": ["fused", "gemm"],
     # One fused kernel launch per step, with a block tile of (batch rows x hidden units):
     # step_small: 4 x 4, the product split along K too (the default up to batch 4)
-    # step_medium: 16 x 16, split along K (the default when the large tile leaves SMs idle)
-    # step_large: 64 x 32 (the default when it gives every SM a block)
+    # step_medium: 16 x 16 (the default when the large tile leaves multiprocessors idle)
+    # step_large: 64 x 32, or 32 x 16 for float16/bfloat16 (the default when it gives every
+    #             multiprocessor a block)
+    # float16/bfloat16 run step_medium and step_large on tensor cores (sm_80+).
     "cuda": ["step_small", "step_medium", "step_large"],
 }
 

@@ -151,22 +151,47 @@ def test_float32_matches_cpu_op(emulated):
 
 
 # Half types: float32 arithmetic and state; the error is dominated by rounding the inputs, the
-# input projection and h_t to the half type, as in cuDNN. Bounds: absolute, on values of order 1.
-@pytest.mark.parametrize("dtype,atol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("proj", [0, 6])
-def test_half_types(emulated, dtype, atol, proj):
-    inputs = make_inputs(5, 3, 8, 24, proj, dtype=dtype, lengths=[5, 2, 4], seed=11)
-    outputs, grads, upstream, saved = run_op(emulated, inputs, False)
+# input projection and h_t to the half type, as in cuDNN (and, on the tensor-core tiles, dL/dz
+# before the backward product). Bounds: absolute and relative, on values of order 1.
+HALF_TYPES = [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)]
+
+
+def check_half_type(emulated, inputs, reverse, dtype, atol):
+    outputs, grads, upstream, saved = run_op(emulated, inputs, reverse)
     # The saved activations are float32, as the fake kernel declares.
     assert all(t.dtype == torch.float32 for t in saved)
     assert all(t.dtype == dtype for t in outputs + tuple(g for g in grads if g.numel()))
-    expected_outputs, expected_grads = op_reference(inputs, False, upstream)
-    for actual, expected in zip(outputs, expected_outputs):
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=atol, rtol=atol)
+    expected_outputs, expected_grads = op_reference(inputs, reverse, upstream)
+    for name, actual, expected in zip(["y", "h_n", "c_n"], outputs, expected_outputs):
+        torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=atol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
     for name, actual in zip(OP_GRAD_NAMES, grads):
         if name in expected_grads:
             torch.testing.assert_close(actual.double(), expected_grads[name], atol=4 * atol,
                                        rtol=4 * atol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("dtype,atol", HALF_TYPES)
+@pytest.mark.parametrize("proj", [0, 6])
+def test_half_types(emulated, dtype, atol, proj):
+    inputs = make_inputs(5, 3, 8, 24, proj, dtype=dtype, lengths=[5, 2, 4], seed=11)
+    check_half_type(emulated, inputs, False, dtype, atol)
+
+
+# The medium and large tiles of the half types run on tensor cores (wmma): rows, units and K with
+# tails of their 16/32-row, 16- and 64-column and 32-deep tiles.
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("dtype,atol", HALF_TYPES)
+@pytest.mark.parametrize("shape,reverse,lengths", [
+    ((3, 21, 5, 19, 0), False, None),
+    ((2, 37, 40, 33, 0), True, [2, 1, 0] + [2] * 34),
+    ((3, 18, 7, 20, 9), False, [3, 2] * 9),
+], ids=["plain", "reverse-lengths", "projection-lengths"])
+def test_half_types_each_tile(emulated, tile, dtype, atol, shape, reverse, lengths):
+    T, B, I, H, P = shape
+    inputs = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=B)
+    with lstm_fused.force_path(tile):
+        check_half_type(emulated, inputs, reverse, dtype, atol)
 
 
 @pytest.mark.parametrize("training", [False, True])

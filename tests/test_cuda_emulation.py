@@ -1,4 +1,5 @@
 """The CPU emulation of CUDA (tests/emulation/cuda_emulation.h): builds and runs its self-test."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 
 EMULATION = Path(__file__).resolve().parent / "emulation"
-COMPILER = shutil.which("c++") or shutil.which("g++")
+# $CXX picks the compiler (e.g. CXX=clang++), as in a build.
+COMPILER = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler (c++ or g++) found")
 
@@ -16,12 +18,14 @@ def selftest(tmp_path_factory) -> Path:
     from torch.utils.cpp_extension import include_paths
 
     binary = tmp_path_factory.mktemp("cuda_emulation") / "selftest"
-    command = [COMPILER, "-std=c++17", "-O2", "-pthread", "-I", str(EMULATION)]
+    command = [COMPILER, "-std=c++17", "-O2", "-pthread", "-Wall", "-Wextra", "-I", str(EMULATION)]
+    # torch's headers as system headers: their warnings are not the emulator's.
     for directory in include_paths():
-        command += ["-I", directory]
+        command += ["-isystem", directory]
     command += [str(EMULATION / "selftest.cpp"), "-o", str(binary)]
     build = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, f"{' '.join(command)}\n{build.stdout}{build.stderr}"
+    assert "warning" not in build.stderr, f"{' '.join(command)}\n{build.stderr}"
     return binary
 
 
@@ -31,8 +35,21 @@ def test_selftest_passes(selftest):
     assert "all checks passed" in result.stdout
 
 
-def test_divergent_barrier_aborts_with_a_message(selftest):
-    result = subprocess.run([str(selftest), "divergent"], capture_output=True, text=True, timeout=60)
+# Misuses that are undefined behaviour (or fail) on a GPU: each must abort with a message.
+MISUSES = {
+    "divergent": ["divergent __syncthreads()"],
+    "misaligned": ["nvcuda::wmma::load_matrix_sync", "is not 256-bit (32-byte) aligned"],
+    "misaligned-store": ["nvcuda::wmma::store_matrix_sync", "is not 256-bit (32-byte) aligned"],
+    "bad-ldm": ["nvcuda::wmma::load_matrix_sync", "ldm 36 is not a multiple of 8"],
+    "bad-ldm-float": ["nvcuda::wmma::load_matrix_sync", "ldm 18 is not a multiple of 4"],
+    "partial-warp": ["nvcuda::wmma::fill_fragment in thread (32, 0, 0)", "partial warp"],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MISUSES))
+def test_misuse_aborts_with_a_message(selftest, mode):
+    result = subprocess.run([str(selftest), mode], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0, result.stdout + result.stderr
-    assert "divergent __syncthreads()" in result.stderr
+    for message in MISUSES[mode]:
+        assert message in result.stderr, result.stderr
     assert "did not abort" not in result.stdout

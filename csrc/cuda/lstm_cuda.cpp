@@ -63,23 +63,26 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
 cudaStream_t current_stream() { return nullptr; }
-int multiprocessor_count() { return 132; }  // an H100's, so that the automatic tile choice is its
+// An H100's, so that the automatic tile choice is the one made there.
+cuda::DeviceTraits device_traits() { return {132, true}; }
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-int multiprocessor_count() {
+cuda::DeviceTraits device_traits() {
   static std::mutex mutex;
-  static std::unordered_map<int, int> counts;
+  static std::unordered_map<int, cuda::DeviceTraits> known;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mutex);
-  auto found = counts.find(device);
-  if (found != counts.end()) return found->second;
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  counts[device] = count;
-  return count;
+  auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  int multiprocessors = 0, major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const cuda::DeviceTraits traits{multiprocessors, major >= 8};
+  known.emplace(device, traits);
+  return traits;
 }
 #endif
 
@@ -128,7 +131,7 @@ void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::
   const int64_t T_ = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const bool training = gates.defined(), has_proj = w_hr.has_value();
   const StepTile tile = step_tile();
-  const int multiprocessors = multiprocessor_count();
+  const cuda::DeviceTraits device = device_traits();
   const cudaStream_t stream = current_stream();
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
@@ -162,7 +165,7 @@ void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::
     step.input_gates = input_gates_data + t * B * 4 * H;
     if (!has_proj) step.hidden_out = y_data + t * B * P;
     step.gates = training ? gates_data + t * B * 4 * H : nullptr;
-    check_launch(cuda::launch_forward_step<T>(step, tile, multiprocessors, stream),
+    check_launch(cuda::launch_forward_step<T>(step, tile, device, stream),
                  "forward step kernel");
     if (has_proj) {
       at::Tensor y_t = y.select(0, t);
@@ -224,7 +227,7 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
   const int64_t T_ = s.seq_len, H = s.hidden_size, P = s.output_size;
   const bool has_proj = w_hr.has_value();
   const StepTile tile = step_tile();
-  const int multiprocessors = multiprocessor_count();
+  const cuda::DeviceTraits device = device_traits();
   const cudaStream_t stream = current_stream();
 
   // Raw pointers per step, from the step's index alone (see forward_steps).
@@ -255,7 +258,7 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
     step.grad_y_next = first ? nullptr : grad_y_data + t_next * B * P;
   };
   auto launch = [&](BackwardMode mode, const char* kernel) {
-    check_launch(cuda::launch_backward_step<T>(step, mode, tile, multiprocessors, stream), kernel);
+    check_launch(cuda::launch_backward_step<T>(step, mode, tile, device, stream), kernel);
   };
   for (int64_t n = 0; n < T_; ++n) {
     const int64_t t = reverse ? n : T_ - 1 - n;

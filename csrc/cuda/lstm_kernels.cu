@@ -8,6 +8,11 @@
 // passes an epilogue that receives, for every (row, unit) of the block, the finished sums.
 #include "lstm_kernels.h"
 
+#ifndef LSTM_FUSED_EMULATE_CUDA
+#include <mma.h>
+#endif
+
+#include <type_traits>
 #include <utility>
 
 namespace lstm_fused {
@@ -28,11 +33,42 @@ struct Tile {
   static_assert(BM % TM == 0 && BU % TU == 0 && KT % KSPLIT == 0, "tile does not divide");
   static_assert(KSPLIT == 1 || BM * BU <= THREADS, "the K reduction gives a thread one pair");
   static_assert(THREADS <= 1024, "too many threads");
+  static constexpr bool kTensorCores = false;
+  static constexpr int units_per_block(int /*gates*/) { return BU; }
+};
+
+// Tensor-core tiles (float16/bfloat16 on sm_80+): four warps, each multiplying RF 16 x 16 row
+// fragments by one 16-column fragment of the weights with wmma (16 x 16 x 16, float accumulators).
+// The 64 columns of a block are 16 units x 4 gates forward, 64 units backward.
+template <int RF_, int KT_>
+struct TensorTile {
+  static constexpr int RF = RF_;   // row fragments per warp
+  static constexpr int BM = 16 * RF;
+  static constexpr int KT = KT_;   // K staged per shared-memory tile, a multiple of 16
+  static constexpr int COLUMNS = 64;
+  static constexpr int THREADS = 128;
+  static_assert(KT % 16 == 0 && (BM * KT) % THREADS == 0, "tile does not divide");
+  static constexpr bool kTensorCores = true;
+  static constexpr int units_per_block(int gates) { return COLUMNS / gates; }
 };
 
 using SmallTile = Tile<4, 4, 4, 1, 64, 64>;     // 256 threads
 using MediumTile = Tile<16, 16, 4, 2, 8, 32>;   // 256 threads
 using LargeTile = Tile<64, 32, 8, 2, 1, 16>;    // 128 threads, 8 x 2 x 4 gates in registers
+using MediumTensorTile = TensorTile<1, 32>;     // 16 rows
+using LargeTensorTile = TensorTile<2, 32>;      // 32 rows
+
+// The tiles behind step_small, step_medium and step_large.
+struct ScalarTiles {
+  using Small = SmallTile;
+  using Medium = MediumTile;
+  using Large = LargeTile;
+};
+struct TensorTiles {
+  using Small = SmallTile;  // at batch <= 4 a step is bound by reading W_hh, not by arithmetic
+  using Medium = MediumTensorTile;
+  using Large = LargeTensorTile;
+};
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -43,6 +79,22 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// float -> a half type (round to nearest even), and a half type to itself.
+template <typename T>
+__device__ __forceinline__ T convert(T v) {
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T convert(float v);
+template <>
+__device__ __forceinline__ __half convert<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // Accurate library functions, not the fast intrinsics: results are compared with nn.LSTM.
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -196,6 +248,139 @@ __device__ __forceinline__ void tile_product(const TA* __restrict__ a, int k_siz
   }
 }
 
+// tile_product's contract, computed with tensor cores: T (__half or __nv_bfloat16) operands in
+// shared memory (a converted to T when staged: backward rounds dL/dz to T, as a cuDNN half RNN
+// does), float accumulation. Columns per block: 64 / GATES units x GATES.
+template <class Cfg, int GATES, bool kWeightRowsAlongK, typename Acc, typename TA, typename T,
+          typename Epilogue>
+__device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, int k_size, int rows,
+                                                    int row0, const T* __restrict__ w,
+                                                    int64_t ldw, int64_t gate_stride,
+                                                    int columns, int column0,
+                                                    Epilogue&& epilogue) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  constexpr int UNITS = Cfg::COLUMNS / GATES;
+  // Leading dimensions padded by 16 bytes (8 half elements, 4 floats): rows fall in different
+  // banks, and every fragment starts on the 32-byte boundary wmma requires.
+  constexpr int LDA = Cfg::KT + 8;
+  constexpr int LDW = kWeightRowsAlongK ? Cfg::KT + 8 : Cfg::COLUMNS + 8;
+  constexpr int W_ROWS = kWeightRowsAlongK ? Cfg::COLUMNS : Cfg::KT;
+  constexpr int LDO = Cfg::COLUMNS + 4;
+  __shared__ __align__(32) T a_tile[Cfg::BM * LDA];
+  __shared__ __align__(32) T w_tile[W_ROWS * LDW];
+  __shared__ __align__(32) float out_tile[Cfg::BM * LDO];
+  const int tid = threadIdx.x, warp = tid / 32;
+
+  // Register prefetch of the next K tile, as in tile_product.
+  constexpr int kALoads = Cfg::BM * Cfg::KT / Cfg::THREADS;
+  constexpr int kWLoads = Cfg::COLUMNS * Cfg::KT / Cfg::THREADS;
+  T a_next[kALoads];
+  T w_next[kWLoads];
+  auto fetch = [&](int k0) {
+#pragma unroll
+    for (int r = 0; r < kALoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      const int row = row0 + e / Cfg::KT, k = k0 + e % Cfg::KT;
+      a_next[r] = (row < rows && k < k_size)
+                      ? convert<T>(a[static_cast<int64_t>(row) * k_size + k])
+                      : convert<T>(0.0f);
+    }
+#pragma unroll
+    for (int r = 0; r < kWLoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      bool inside;
+      int64_t at;
+      if (kWeightRowsAlongK) {  // consecutive threads read consecutive k of one weight row
+        const int n = e / Cfg::KT, k = k0 + e % Cfg::KT;
+        const int q = n / UNITS, column = column0 + n % UNITS;
+        inside = column < columns && k < k_size;
+        at = (q * gate_stride + column) * ldw + k;
+      } else {  // consecutive threads read consecutive columns of one weight row
+        const int column = column0 + e % Cfg::COLUMNS, k = k0 + e / Cfg::COLUMNS;
+        inside = column < columns && k < k_size;
+        at = static_cast<int64_t>(k) * ldw + column;
+      }
+      w_next[r] = inside ? w[at] : convert<T>(0.0f);
+    }
+  };
+  auto stash = [&]() {
+#pragma unroll
+    for (int r = 0; r < kALoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      a_tile[(e / Cfg::KT) * LDA + e % Cfg::KT] = a_next[r];
+    }
+#pragma unroll
+    for (int r = 0; r < kWLoads; ++r) {
+      const int e = tid + r * Cfg::THREADS;
+      if (kWeightRowsAlongK) {  // w_tile[n][k]: the weights as a column-major K x N matrix
+        w_tile[(e / Cfg::KT) * LDW + e % Cfg::KT] = w_next[r];
+      } else {  // w_tile[k][n]: row-major K x N
+        w_tile[(e / Cfg::COLUMNS) * LDW + e % Cfg::COLUMNS] = w_next[r];
+      }
+    }
+  };
+
+  using WeightLayout = std::conditional_t<kWeightRowsAlongK, wmma::col_major, wmma::row_major>;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Cfg::RF];
+#pragma unroll
+  for (int r = 0; r < Cfg::RF; ++r) wmma::fill_fragment(acc[r], 0.0f);
+  if (k_size > 0) fetch(0);
+  for (int k0 = 0; k0 < k_size; k0 += Cfg::KT) {
+    stash();
+    __syncthreads();
+    if (k0 + Cfg::KT < k_size) fetch(k0 + Cfg::KT);
+#pragma unroll
+    for (int kk = 0; kk < Cfg::KT; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, WeightLayout> b;
+      wmma::load_matrix_sync(b, kWeightRowsAlongK ? w_tile + warp * 16 * LDW + kk
+                                                  : w_tile + kk * LDW + warp * 16,
+                             LDW);
+#pragma unroll
+      for (int r = 0; r < Cfg::RF; ++r) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_fragment;
+        wmma::load_matrix_sync(a_fragment, a_tile + r * 16 * LDA + kk, LDA);
+        wmma::mma_sync(acc[r], a_fragment, b, acc[r]);
+      }
+    }
+    __syncthreads();
+  }
+  // Through shared memory to the threads of the epilogue: each gets all GATES of its pairs.
+#pragma unroll
+  for (int r = 0; r < Cfg::RF; ++r) {
+    wmma::store_matrix_sync(out_tile + r * 16 * LDO + warp * 16, acc[r], LDO,
+                            wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int p = tid; p < Cfg::BM * UNITS; p += Cfg::THREADS) {
+    const int m = p / UNITS, u = p % UNITS;
+    const int row = row0 + m, column = column0 + u;
+    if (row >= rows || column >= columns) continue;
+    Acc sums[GATES];
+#pragma unroll
+    for (int q = 0; q < GATES; ++q) sums[q] = static_cast<Acc>(out_tile[m * LDO + q * UNITS + u]);
+    epilogue(row, column, sums);
+  }
+  __syncthreads();  // out_tile is written again by the next row tile
+#endif
+}
+
+// The block's product with its tile's method: tensor cores or scalar FMAs.
+template <class Cfg, int GATES, bool kWeightRowsAlongK, typename Acc, typename TA, typename TW,
+          typename Epilogue>
+__device__ __forceinline__ void block_product(const TA* a, int k_size, int rows, int row0,
+                                              const TW* w, int64_t ldw, int64_t gate_stride,
+                                              int columns, int column0, Epilogue&& epilogue) {
+  if constexpr (Cfg::kTensorCores) {
+    tensor_tile_product<Cfg, GATES, kWeightRowsAlongK, Acc>(a, k_size, rows, row0, w, ldw,
+                                                            gate_stride, columns, column0,
+                                                            epilogue);
+  } else {
+    tile_product<Cfg, GATES, kWeightRowsAlongK, Acc>(a, k_size, rows, row0, w, ldw, gate_stride,
+                                                     columns, column0, epilogue);
+  }
+}
+
 __device__ __forceinline__ bool is_padding(const int64_t* lengths, int64_t t, int row) {
   return lengths != nullptr && t >= lengths[row];
 }
@@ -239,9 +424,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) forward_step_kernel(const Forwar
       gates[3 * H + u] = o;
     }
   };
-  const int column0 = blockIdx.x * Cfg::BU;
+  const int column0 = blockIdx.x * Cfg::units_per_block(4);
   for (int row0 = blockIdx.y * Cfg::BM; row0 < s.batch; row0 += gridDim.y * Cfg::BM) {
-    tile_product<Cfg, 4, true, Acc>(s.h_prev, s.output_size, s.batch, row0, s.w_hh, P, H, s.hidden_size,
+    block_product<Cfg, 4, true, Acc>(s.h_prev, s.output_size, s.batch, row0, s.w_hh, P, H, s.hidden_size,
                                     column0, update);
   }
 }
@@ -301,9 +486,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) backward_step_kernel(const Backw
   };
   const int columns = kMode == BackwardMode::kHiddenGrad ? s.output_size : s.hidden_size;
   const int k_size = s.a ? s.k : 0;
-  const int column0 = blockIdx.x * Cfg::BU;
+  const int column0 = blockIdx.x * Cfg::units_per_block(1);
   for (int row0 = blockIdx.y * Cfg::BM; row0 < s.batch; row0 += gridDim.y * Cfg::BM) {
-    tile_product<Cfg, 1, false, Acc>(s.a, k_size, s.batch, row0, s.w, columns, 0, columns,
+    block_product<Cfg, 1, false, Acc>(s.a, k_size, s.batch, row0, s.w, columns, 0, columns,
                                      column0, update);
   }
 }
@@ -320,85 +505,96 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 }
 
 template <class Cfg>
-dim3 grid_for(int columns, int batch) {
+dim3 grid_for(int columns, int gates, int batch) {
   constexpr int kMaxGridY = 65535;  // rows beyond are looped over inside the kernel
   const int row_tiles = ceil_div(batch, Cfg::BM);
-  return dim3(ceil_div(columns, Cfg::BU), row_tiles < kMaxGridY ? row_tiles : kMaxGridY);
+  return dim3(ceil_div(columns, Cfg::units_per_block(gates)),
+              row_tiles < kMaxGridY ? row_tiles : kMaxGridY);
 }
 
 // The one place that picks a step kernel's tile: the small tile for batch <= 4, the large one
-// when it still gives every multiprocessor a block, else the medium one.
-StepTile choose_tile(StepTile requested, int batch, int columns, int multiprocessors) {
-  if (requested != StepTile::kAuto) return requested;
-  if (batch <= SmallTile::BM) return StepTile::kSmall;
-  const int64_t large_blocks = static_cast<int64_t>(ceil_div(batch, LargeTile::BM)) *
-                               ceil_div(columns, LargeTile::BU);
-  return large_blocks >= multiprocessors ? StepTile::kLarge : StepTile::kMedium;
-}
-
-template <class Cfg, typename T>
-cudaError_t forward_with(const ForwardStep<T>& step, cudaStream_t stream) {
-  return launch(forward_step_kernel<Cfg, T>, grid_for<Cfg>(step.hidden_size, step.batch),
-                dim3(Cfg::THREADS), stream, step);
-}
-
-template <class Cfg, typename T>
-cudaError_t backward_with(const BackwardStep<T>& step, BackwardMode mode, cudaStream_t stream) {
-  const dim3 block(Cfg::THREADS);
-  switch (mode) {
-    case BackwardMode::kFused:
-      return launch(backward_step_kernel<Cfg, T, BackwardMode::kFused>,
-                    grid_for<Cfg>(step.hidden_size, step.batch), block, stream, step);
-    case BackwardMode::kHiddenGrad:
-      return launch(backward_step_kernel<Cfg, T, BackwardMode::kHiddenGrad>,
-                    grid_for<Cfg>(step.output_size, step.batch), block, stream, step);
-    case BackwardMode::kGates:
-      return launch(backward_step_kernel<Cfg, T, BackwardMode::kGates>,
-                    grid_for<Cfg>(step.hidden_size, step.batch), block, stream, step);
+// when it still gives every multiprocessor a block, else the medium one. Calls
+// launch_tile(Cfg{}) with the tile's configuration.
+template <class Tiles, typename Launch>
+cudaError_t with_tile(StepTile tile, int batch, int columns, int gates, int multiprocessors,
+                      Launch&& launch_tile) {
+  using Large = typename Tiles::Large;
+  if (tile == StepTile::kAuto) {
+    const int64_t large_blocks = static_cast<int64_t>(ceil_div(batch, Large::BM)) *
+                                 ceil_div(columns, Large::units_per_block(gates));
+    tile = batch <= Tiles::Small::BM       ? StepTile::kSmall
+           : large_blocks >= multiprocessors ? StepTile::kLarge
+                                             : StepTile::kMedium;
   }
-  return cudaErrorInvalidValue;
+  switch (tile) {
+    case StepTile::kSmall:
+      return launch_tile(typename Tiles::Small{});
+    case StepTile::kMedium:
+      return launch_tile(typename Tiles::Medium{});
+    case StepTile::kLarge:
+      return launch_tile(Large{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+constexpr bool kHalfType = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// Half types use the tensor-core tiles where the device has them (sm_80+).
+template <typename T, typename Launch>
+cudaError_t with_tile_for(StepTile tile, int batch, int columns, int gates,
+                          const DeviceTraits& device, Launch&& launch_tile) {
+  if constexpr (kHalfType<T>) {
+    if (device.tensor_cores) {
+      return with_tile<TensorTiles>(tile, batch, columns, gates, device.multiprocessors,
+                                    launch_tile);
+    }
+  }
+  return with_tile<ScalarTiles>(tile, batch, columns, gates, device.multiprocessors, launch_tile);
 }
 
 }  // namespace
 
 template <typename T>
-cudaError_t launch_forward_step(const ForwardStep<T>& step, StepTile tile, int multiprocessors,
-                                cudaStream_t stream) {
+cudaError_t launch_forward_step(const ForwardStep<T>& step, StepTile tile,
+                                const DeviceTraits& device, cudaStream_t stream) {
   if (step.batch == 0 || step.hidden_size == 0) return cudaSuccess;
-  switch (choose_tile(tile, step.batch, step.hidden_size, multiprocessors)) {
-    case StepTile::kSmall:
-      return forward_with<SmallTile>(step, stream);
-    case StepTile::kMedium:
-      return forward_with<MediumTile>(step, stream);
-    case StepTile::kLarge:
-      return forward_with<LargeTile>(step, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_tile_for<T>(tile, step.batch, step.hidden_size, 4, device, [&](auto config) {
+    using Cfg = decltype(config);
+    return launch(forward_step_kernel<Cfg, T>, grid_for<Cfg>(step.hidden_size, 4, step.batch),
+                  dim3(Cfg::THREADS), stream, step);
+  });
 }
 
 template <typename T>
 cudaError_t launch_backward_step(const BackwardStep<T>& step, BackwardMode mode, StepTile tile,
-                                 int multiprocessors, cudaStream_t stream) {
+                                 const DeviceTraits& device, cudaStream_t stream) {
   if (step.batch == 0 || step.hidden_size == 0) return cudaSuccess;
   const int columns = mode == BackwardMode::kHiddenGrad ? step.output_size : step.hidden_size;
-  switch (choose_tile(tile, step.batch, columns, multiprocessors)) {
-    case StepTile::kSmall:
-      return backward_with<SmallTile>(step, mode, stream);
-    case StepTile::kMedium:
-      return backward_with<MediumTile>(step, mode, stream);
-    case StepTile::kLarge:
-      return backward_with<LargeTile>(step, mode, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_tile_for<T>(tile, step.batch, columns, 1, device, [&](auto config) {
+    using Cfg = decltype(config);
+    const dim3 grid = grid_for<Cfg>(columns, 1, step.batch), block(Cfg::THREADS);
+    switch (mode) {
+      case BackwardMode::kFused:
+        return launch(backward_step_kernel<Cfg, T, BackwardMode::kFused>, grid, block, stream,
+                      step);
+      case BackwardMode::kHiddenGrad:
+        return launch(backward_step_kernel<Cfg, T, BackwardMode::kHiddenGrad>, grid, block,
+                      stream, step);
+      case BackwardMode::kGates:
+        return launch(backward_step_kernel<Cfg, T, BackwardMode::kGates>, grid, block, stream,
+                      step);
+    }
+    return cudaErrorInvalidValue;
+  });
 }
 
 #define LSTM_FUSED_INSTANTIATE(T)                                                            \
-  template cudaError_t launch_forward_step<T>(const ForwardStep<T>&, StepTile, int,          \
-                                              cudaStream_t);                                 \
+  template cudaError_t launch_forward_step<T>(const ForwardStep<T>&, StepTile,              \
+                                              const DeviceTraits&, cudaStream_t);            \
   template cudaError_t launch_backward_step<T>(const BackwardStep<T>&, BackwardMode,         \
-                                               StepTile, int, cudaStream_t);
+                                               StepTile, const DeviceTraits&, cudaStream_t);
 
 LSTM_FUSED_INSTANTIATE(float)
 LSTM_FUSED_INSTANTIATE(double)

@@ -40,8 +40,15 @@ using acc_t = typename Accumulate<T>::type;
 enum class StepTile : int {
   kAuto = 0,
   kSmall = 1,   // 4 rows x 4 units, the product split 64 ways along K: batch <= 4
-  kMedium = 2,  // 16 rows x 16 units, split 8 ways along K
-  kLarge = 3,   // 64 rows x 32 units, 8 x 2 units per thread: when it fills every multiprocessor
+  kMedium = 2,  // 16 rows x 16 units, split 8 ways along K; half types: tensor cores, 16 rows
+  kLarge = 3,   // 64 rows x 32 units, 8 x 2 units per thread; half types: tensor cores, 32 rows;
+                // chosen when it gives every multiprocessor a block
+};
+
+// What the launchers need to know of the device.
+struct DeviceTraits {
+  int multiprocessors;  // guides the automatic tile choice
+  bool tensor_cores;    // sm_80 or newer: float16/bfloat16 medium and large tiles use wmma
 };
 
 // Forward step t: z = x_t W_ih^T + b + h_{t-1} W_hh^T; i, f, g, o = σ, σ, tanh, σ of z;
@@ -105,14 +112,13 @@ struct BackwardStep {
 };
 
 // Each launches one kernel on `stream` and returns the launch's error (cudaSuccess if none).
-// `multiprocessors` guides the automatic tile choice.
 template <typename T>
-cudaError_t launch_forward_step(const ForwardStep<T>& step, StepTile tile, int multiprocessors,
-                                cudaStream_t stream);
+cudaError_t launch_forward_step(const ForwardStep<T>& step, StepTile tile,
+                                const DeviceTraits& device, cudaStream_t stream);
 
 template <typename T>
 cudaError_t launch_backward_step(const BackwardStep<T>& step, BackwardMode mode, StepTile tile,
-                                 int multiprocessors, cudaStream_t stream);
+                                 const DeviceTraits& device, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lstm_fused

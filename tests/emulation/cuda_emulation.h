@@ -12,6 +12,8 @@
 //  - Linux/glibc only (ucontext + setjmp); x86-64 with g++ or clang.
 //  - No dynamic shared memory (shared_bytes must be 0), no warp intrinsics, no atomics, no streams
 //    (a launch is synchronous; the stream argument is ignored).
+//  - Of the warp matrix functions (nvcuda::wmma, <mma.h>) only a subset, described at its
+//    definition below; each thread computes the whole warp's operation by itself.
 //  - Exceptions must not escape a kernel: one that does calls std::terminate.
 //  - Each emulated thread has a fixed stack of CUDA_EMULATION_STACK_BYTES (default 256 KiB),
 //    with a guard page below it: overflowing it is a SIGSEGV.
@@ -33,10 +35,12 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdarg>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <tuple>
 #include <type_traits>
@@ -61,6 +65,9 @@
 #endif
 #ifndef __restrict__
 #define __restrict__ __restrict
+#endif
+#ifndef __align__
+#define __align__(n) __attribute__((aligned(n)))
 #endif
 #ifndef __shared__
 // All fibers of a block run on one OS thread, so a per-OS-thread static is per-block storage.
@@ -384,3 +391,299 @@ inline cudaError_t cudaGetLastError() {
 }
 
 inline cudaError_t cudaPeekAtLastError() { return ::cuda_emulation::detail::t_last_error; }
+
+// ---- Warp matrix functions: nvcuda::wmma, as CUDA's <mma.h> declares them ----------------------
+// Used as in CUDA (`namespace wmma = nvcuda::wmma;`), with no include beyond this header.
+//
+// Subset:
+//  - fragment<matrix_a | matrix_b, 16, 16, 16, __half | __nv_bfloat16, row_major | col_major>,
+//    fragment<matrix_a | matrix_b, 16, 16, 8, precision::tf32, row_major | col_major> (storage
+//    float) and fragment<accumulator, 16, 16, 16 | 8, float>; other fragments do not compile.
+//  - fill_fragment, load_matrix_sync, store_matrix_sync, mma_sync (no satf argument) and
+//    __float_to_tf32.
+//
+// Storage: real fragments hold a share of the tile in each lane, in a layout CUDA leaves
+// unspecified. Here every thread's fragment holds the WHOLE tile (matrix_a: m x k, matrix_b:
+// k x n, accumulator: m x n, each row-major in x[]), and each thread computes the warp's
+// operation by itself, with no communication. So num_elements and the meaning of x[i] do not
+// mirror the hardware: code under test must only fill/load/store/mma fragments, or apply one
+// function to every element (for (i < num_elements) x[i] = f(x[i]), e.g. a scale or
+// __float_to_tf32), which is layout-independent on both.
+//
+// Arithmetic: mma_sync converts each a and b element to float and, for every d element, adds the
+// products to c in float in k order, ascending. Products of __half, __nv_bfloat16 and tf32 values
+// are exact in float (barring overflow and underflow), so results are exact when the sums are;
+// otherwise tensor cores, whose addition order and rounding are unspecified, may differ in the
+// last bits.
+//
+// tf32: CUDA requires tf32 operands to be rounded by the caller (__float_to_tf32, which rounds to
+// nearest, ties away from zero, to 10 explicit mantissa bits); tensor cores ignore the low 13
+// bits of values that were not. The emulator rounds (as __float_to_tf32 does) on load, on fill
+// and again in mma_sync (a no-op on rounded values).
+//
+// Preconditions that CUDA documents are checked, with a message to stderr and std::abort(),
+// since they are what makes code fail on hardware: load/store pointers 256-bit (32-byte) aligned;
+// ldm a multiple of 8 for __half/__nv_bfloat16 elements and of 4 for float and tf32 elements
+// (16 bytes); the layout_t argument one of the two values; and, inside a launch, the calling
+// thread in a full warp of 32 (a wmma function is warp-collective, and the last warp of a block
+// whose size is not a multiple of 32 is partial). That all 32 lanes of a warp call the same
+// function with the same arguments (convergence) cannot be checked here: each thread runs alone
+// between barriers, so a call made by only some lanes, or with lane-dependent pointers, runs
+// without an error.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+namespace precision {
+struct tf32 {};  // stored as float
+}  // namespace precision
+
+// Rounds to tf32 (10 explicit mantissa bits) to nearest, ties away from zero, like
+// cvt.rna.tf32.f32; infinities and NaN are returned unchanged. The result is a float.
+inline float __float_to_tf32(float in) noexcept {
+  std::uint32_t bits;
+  std::memcpy(&bits, &in, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return in;
+  // Adding half a unit of the 13 dropped bits to the magnitude rounds it (ties away from zero);
+  // a carry into the exponent is correct, up to infinity.
+  bits = (bits + 0x1000u) & ~0x1fffu;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+namespace cuda_emulation {
+namespace detail {
+namespace wmma {
+
+namespace api = ::nvcuda::wmma;
+
+template <typename T>
+struct Element {
+  using storage = T;
+};
+template <>
+struct Element<api::precision::tf32> {
+  using storage = float;
+};
+
+template <typename Use, int m, int n, int k>
+struct Shape {
+  static constexpr int rows = std::is_same<Use, api::matrix_b>::value ? k : m;
+  static constexpr int columns = std::is_same<Use, api::matrix_a>::value ? k : n;
+};
+
+template <typename Use, int m, int n, int k, typename T, typename Layout>
+constexpr bool supported() {
+  constexpr bool operand_layout =
+      std::is_same<Layout, api::row_major>::value || std::is_same<Layout, api::col_major>::value;
+  constexpr bool k16 = m == 16 && n == 16 && k == 16, k8 = m == 16 && n == 16 && k == 8;
+  if (std::is_same<Use, api::accumulator>::value)
+    return std::is_same<T, float>::value && std::is_void<Layout>::value && (k16 || k8);
+  if (std::is_same<Use, api::matrix_a>::value || std::is_same<Use, api::matrix_b>::value)
+    return operand_layout &&
+           ((k16 && (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value)) ||
+            (k8 && std::is_same<T, api::precision::tf32>::value));
+  return false;
+}
+
+// An operand element as mma_sync multiplies it.
+inline float operand(__half value) noexcept { return static_cast<float>(value); }
+inline float operand(__nv_bfloat16 value) noexcept { return static_cast<float>(value); }
+inline float operand_tf32(float value) noexcept { return api::__float_to_tf32(value); }
+
+[[noreturn]] __attribute__((__format__(__printf__, 2, 3))) inline void fail(const char* function,
+                                                                           const char* format,
+                                                                           ...) noexcept {
+  std::fprintf(stderr, "cuda_emulation: nvcuda::wmma::%s", function);
+  if (t_scheduler.current != nullptr)
+    std::fprintf(stderr, " in thread (%u, %u, %u) of block (%u, %u, %u)", t_thread_idx.x,
+                 t_thread_idx.y, t_thread_idx.z, t_block_idx.x, t_block_idx.y, t_block_idx.z);
+  std::fprintf(stderr, ": ");
+  va_list arguments;
+  va_start(arguments, format);
+  std::vfprintf(stderr, format, arguments);
+  va_end(arguments);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::abort();
+}
+
+// wmma functions are warp-collective: a thread of a partial (last) warp has no full warp to run
+// them with. Convergence of the warp cannot be checked (see above).
+inline void check_warp(const char* function) noexcept {
+  if (t_scheduler.current == nullptr) return;  // called outside a launch
+  const unsigned count = t_block_dim.x * t_block_dim.y * t_block_dim.z;
+  const unsigned linear =
+      t_thread_idx.x + t_thread_idx.y * t_block_dim.x + t_thread_idx.z * t_block_dim.x * t_block_dim.y;
+  const unsigned first = linear / 32 * 32;
+  if (first + 32 > count)
+    fail(function,
+         "called by thread %u of a %u-thread block, in the partial warp of threads %u..%u: wmma "
+         "functions are warp-collective and need all 32 threads of a warp",
+         linear, count, first, count - 1);
+}
+
+template <typename Storage>
+inline void check_memory(const char* function, const void* pointer, unsigned ldm) noexcept {
+  if (reinterpret_cast<std::uintptr_t>(pointer) % 32 != 0)
+    fail(function, "pointer %p is not 256-bit (32-byte) aligned, as CUDA requires", pointer);
+  constexpr unsigned multiple = 16 / sizeof(Storage);
+  if (ldm % multiple != 0)
+    fail(function,
+         "ldm %u is not a multiple of %u, as CUDA requires for %u-byte elements (16 bytes)", ldm,
+         multiple, static_cast<unsigned>(sizeof(Storage)));
+}
+
+inline bool row_major(const char* function, api::layout_t layout) noexcept {
+  if (layout != api::mem_row_major && layout != api::mem_col_major)
+    fail(function, "layout %d is neither mem_row_major nor mem_col_major", static_cast<int>(layout));
+  return layout == api::mem_row_major;
+}
+
+// x[r * columns + c] <-> p[r * ldm + c] (row-major memory) or p[r + c * ldm] (column-major).
+template <int rows, int columns, typename T, typename Convert>
+inline void load(T* x, const T* p, unsigned ldm, bool row_major_memory, Convert convert) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < columns; ++c)
+      x[r * columns + c] = convert(row_major_memory ? p[static_cast<std::size_t>(r) * ldm + c]
+                                                    : p[r + static_cast<std::size_t>(c) * ldm]);
+}
+
+template <typename T>
+inline T identity(T value) noexcept {
+  return value;
+}
+
+}  // namespace wmma
+}  // namespace detail
+}  // namespace cuda_emulation
+
+namespace nvcuda {
+namespace wmma {
+
+// Warp-collective (see above); every thread holds the whole tile.
+template <typename Use, int m, int n, int k, typename T, typename Layout = void>
+class fragment {
+  static_assert(::cuda_emulation::detail::wmma::supported<Use, m, n, k, T, Layout>(),
+                "cuda_emulation supports wmma::fragment<matrix_a or matrix_b, 16, 16, 16, __half "
+                "or __nv_bfloat16, row_major or col_major>, <matrix_a or matrix_b, 16, 16, 8, "
+                "precision::tf32, row_major or col_major> and <accumulator, 16, 16, 16 or 8, "
+                "float>");
+  using Shape = ::cuda_emulation::detail::wmma::Shape<Use, m, n, k>;
+
+ public:
+  typedef T element_type;
+  typedef typename ::cuda_emulation::detail::wmma::Element<T>::storage storage_element_type;
+  // The whole tile, unlike CUDA's per-lane share: see above.
+  enum { num_elements = Shape::rows * Shape::columns };
+  enum { num_storage_elements = num_elements };
+  storage_element_type x[num_storage_elements];
+};
+
+template <typename Use, int m, int n, int k, typename T, typename Layout>
+inline void fill_fragment(
+    fragment<Use, m, n, k, T, Layout>& f,
+    const typename fragment<Use, m, n, k, T, Layout>::storage_element_type& value) {
+  namespace emulation = ::cuda_emulation::detail::wmma;
+  emulation::check_warp("fill_fragment");
+  typename fragment<Use, m, n, k, T, Layout>::storage_element_type v = value;
+  if constexpr (std::is_same<T, precision::tf32>::value) v = __float_to_tf32(v);
+  for (auto& element : f.x) element = v;
+}
+
+// matrix_a (m x k) and matrix_b (k x n): the memory layout is the fragment's Layout; element
+// (r, c) at p[r * ldm + c] (row_major) or p[r + c * ldm] (col_major).
+template <typename Use, int m, int n, int k, typename T, typename Layout>
+inline std::enable_if_t<std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value>
+load_matrix_sync(fragment<Use, m, n, k, T, Layout>& f,
+                 const typename fragment<Use, m, n, k, T, Layout>::storage_element_type* p,
+                 unsigned ldm) {
+  namespace emulation = ::cuda_emulation::detail::wmma;
+  using Storage = typename fragment<Use, m, n, k, T, Layout>::storage_element_type;
+  using Shape = emulation::Shape<Use, m, n, k>;
+  emulation::check_warp("load_matrix_sync");
+  emulation::check_memory<Storage>("load_matrix_sync", p, ldm);
+  const bool row_major_memory = std::is_same<Layout, row_major>::value;
+  if constexpr (std::is_same<T, precision::tf32>::value)
+    emulation::load<Shape::rows, Shape::columns>(f.x, p, ldm, row_major_memory, &__float_to_tf32);
+  else
+    emulation::load<Shape::rows, Shape::columns>(f.x, p, ldm, row_major_memory,
+                                                 &emulation::identity<Storage>);
+}
+
+// Accumulators (m x n): element (r, c) at p[r * ldm + c] (mem_row_major) or p[r + c * ldm].
+template <int m, int n, int k, typename T>
+inline void load_matrix_sync(fragment<accumulator, m, n, k, T>& f,
+                             const typename fragment<accumulator, m, n, k, T>::storage_element_type* p,
+                             unsigned ldm, layout_t layout) {
+  namespace emulation = ::cuda_emulation::detail::wmma;
+  using Storage = typename fragment<accumulator, m, n, k, T>::storage_element_type;
+  emulation::check_warp("load_matrix_sync");
+  emulation::check_memory<Storage>("load_matrix_sync", p, ldm);
+  const bool row_major_memory = emulation::row_major("load_matrix_sync", layout);
+  emulation::load<m, n>(f.x, p, ldm, row_major_memory, &emulation::identity<Storage>);
+}
+
+template <int m, int n, int k, typename T>
+inline void store_matrix_sync(typename fragment<accumulator, m, n, k, T>::storage_element_type* p,
+                              const fragment<accumulator, m, n, k, T>& f, unsigned ldm,
+                              layout_t layout) {
+  namespace emulation = ::cuda_emulation::detail::wmma;
+  using Storage = typename fragment<accumulator, m, n, k, T>::storage_element_type;
+  emulation::check_warp("store_matrix_sync");
+  emulation::check_memory<Storage>("store_matrix_sync", p, ldm);
+  const bool row_major_memory = emulation::row_major("store_matrix_sync", layout);
+  for (int r = 0; r < m; ++r)
+    for (int c = 0; c < n; ++c)
+      (row_major_memory ? p[static_cast<std::size_t>(r) * ldm + c]
+                        : p[r + static_cast<std::size_t>(c) * ldm]) = f.x[r * n + c];
+}
+
+// d = a * b + c; d may be c.
+template <int m, int n, int k, typename T, typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, m, n, k, float>& d,
+                     const fragment<matrix_a, m, n, k, T, LayoutA>& a,
+                     const fragment<matrix_b, m, n, k, T, LayoutB>& b,
+                     const fragment<accumulator, m, n, k, float>& c) {
+  namespace emulation = ::cuda_emulation::detail::wmma;
+  emulation::check_warp("mma_sync");
+  float a_values[m * k], b_values[k * n];
+  for (int i = 0; i < m * k; ++i) {
+    if constexpr (std::is_same<T, precision::tf32>::value)
+      a_values[i] = emulation::operand_tf32(a.x[i]);
+    else
+      a_values[i] = emulation::operand(a.x[i]);
+  }
+  for (int i = 0; i < k * n; ++i) {
+    if constexpr (std::is_same<T, precision::tf32>::value)
+      b_values[i] = emulation::operand_tf32(b.x[i]);
+    else
+      b_values[i] = emulation::operand(b.x[i]);
+  }
+  for (int r = 0; r < m; ++r) {
+    float row[n];
+    for (int col = 0; col < n; ++col) row[col] = c.x[r * n + col];
+    for (int i = 0; i < k; ++i) {
+      const float a_value = a_values[r * k + i];
+      for (int col = 0; col < n; ++col) {
+        // Separate statements, so that the product is not contracted into an fma.
+        const float product = a_value * b_values[i * n + col];
+        row[col] += product;
+      }
+    }
+    for (int col = 0; col < n; ++col) d.x[r * n + col] = row[col];
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,11 +1,16 @@
 // Self-test of cuda_emulation.h. Returns 0 when every check passes; prints each failure otherwise.
-// With the argument "divergent" it runs a kernel with a divergent barrier, which must abort.
+// With an argument it runs one misuse that must abort (see main): "divergent" (a divergent
+// barrier), "misaligned", "misaligned-store", "bad-ldm", "bad-ldm-float", "partial-warp" (wmma
+// preconditions).
 #include "cuda_emulation.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -105,6 +110,124 @@ __global__ void divergent(int* out) {
   if (threadIdx.x >= 16) return;
   __syncthreads();
   out[threadIdx.x] = 1;
+}
+
+// ---- wmma ----------------------------------------------------------------------------------
+namespace wmma = nvcuda::wmma;
+
+// Each block computes D = alpha * (A B + C) for its own 32 x 32 matrices (A: M x K, B: K x N, C and
+// D: M x N, all row-major floats in global memory), staged through shared memory tiles with padded
+// leading dimensions: A row-major, B row- or column-major (element (k, n) at b_tile[n * LDB + k]),
+// C column-major, D row-major. Each of the 4 warps owns one 16 x 16 tile of D and walks K in
+// steps of KF.
+constexpr int kWmmaM = 32, kWmmaN = 32, kWmmaK = 32, kWmmaThreads = 128;
+
+template <typename Elem, typename LayoutB, int KF>
+__global__ void __launch_bounds__(kWmmaThreads)
+    wmma_gemm(const float* __restrict__ a, const float* __restrict__ b,
+              const float* __restrict__ c, float* __restrict__ d, float alpha) {
+  using AFragment = wmma::fragment<wmma::matrix_a, 16, 16, KF, Elem, wmma::row_major>;
+  using BFragment = wmma::fragment<wmma::matrix_b, 16, 16, KF, Elem, LayoutB>;
+  using Storage = typename AFragment::storage_element_type;
+  constexpr bool kColumnMajorB = std::is_same<LayoutB, wmma::col_major>::value;
+  // Padded by 16 bytes: 40 for 16-bit elements, 36 for float.
+  constexpr int LDA = kWmmaK + 16 / static_cast<int>(sizeof(Storage));
+  constexpr int LDB = (kColumnMajorB ? kWmmaK : kWmmaN) + 16 / static_cast<int>(sizeof(Storage));
+  constexpr int LDC = kWmmaM + 4, LDD = kWmmaN + 4;
+  __shared__ __align__(32) Storage a_tile[kWmmaM * LDA];
+  __shared__ __align__(32) Storage b_tile[(kColumnMajorB ? kWmmaN : kWmmaK) * LDB];
+  __shared__ __align__(32) float c_tile[kWmmaN * LDC];
+  __shared__ __align__(32) float d_tile[kWmmaM * LDD];
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int block_offset = blockIdx.x * kWmmaM * kWmmaK;  // all matrices are 32 x 32
+  for (int e = tid; e < kWmmaM * kWmmaK; e += kWmmaThreads) {
+    const int row = e / 32, column = e % 32;
+    a_tile[row * LDA + column] = static_cast<Storage>(a[block_offset + e]);
+    if (kColumnMajorB)  // b row-major in global memory: (k, n) = (row, column)
+      b_tile[column * LDB + row] = static_cast<Storage>(b[block_offset + e]);
+    else
+      b_tile[row * LDB + column] = static_cast<Storage>(b[block_offset + e]);
+    c_tile[row + column * LDC] = c[block_offset + e];
+  }
+  __syncthreads();
+
+  const int tile_m = warp / 2 * 16, tile_n = warp % 2 * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, KF, float> acc;
+  wmma::load_matrix_sync(acc, c_tile + tile_m + tile_n * LDC, LDC, wmma::mem_col_major);
+  for (int k0 = 0; k0 < kWmmaK; k0 += KF) {
+    AFragment a_fragment;
+    BFragment b_fragment;
+    wmma::load_matrix_sync(a_fragment, a_tile + tile_m * LDA + k0, LDA);
+    wmma::load_matrix_sync(b_fragment,
+                           kColumnMajorB ? b_tile + tile_n * LDB + k0 : b_tile + k0 * LDB + tile_n,
+                           LDB);
+    wmma::mma_sync(acc, a_fragment, b_fragment, acc);
+  }
+  // The same function of every element: independent of the fragment's layout.
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= alpha;
+  wmma::store_matrix_sync(d_tile + tile_m * LDD + tile_n, acc, LDD, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < kWmmaM * kWmmaN; e += kWmmaThreads)
+    d[block_offset + e] = d_tile[e / 32 * LDD + e % 32];
+}
+
+// One warp: an accumulator loaded row-major and stored column-major (a transpose in memory), and
+// fill_fragment followed by mma_sync with a filled a and b.
+__global__ void wmma_layouts(const float* __restrict__ in, float* __restrict__ transposed,
+                             float* __restrict__ filled) {
+  constexpr int LD = 20;
+  __shared__ __align__(32) float tile[16 * LD];
+  __shared__ __align__(32) float out[16 * LD];
+  for (int e = threadIdx.x; e < 256; e += 32) tile[e / 16 * LD + e % 16] = in[e];
+  __syncthreads();
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(acc, tile, LD, wmma::mem_row_major);
+  wmma::store_matrix_sync(out, acc, LD, wmma::mem_col_major);
+  __syncthreads();
+  // Column-major memory read as row-major: the transpose.
+  for (int e = threadIdx.x; e < 256; e += 32) transposed[e] = out[e / 16 * LD + e % 16];
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+  wmma::fill_fragment(a, __float2bfloat16_rn(0.5f));
+  wmma::fill_fragment(b, __float2bfloat16_rn(3.0f));
+  wmma::fill_fragment(acc, 1.0f);
+  wmma::mma_sync(acc, a, b, acc);  // 1 + 16 * 0.5 * 3 = 25 everywhere
+  wmma::store_matrix_sync(out, acc, LD, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < 256; e += 32) filled[e] = out[e / 16 * LD + e % 16];
+}
+
+// Violations of wmma's preconditions, one per mode; each must abort.
+enum class Misuse { kMisaligned, kMisalignedStore, kBadLdm, kBadLdmFloat, kPartialWarp };
+
+__global__ void wmma_misuse(int mode) {
+  __shared__ __align__(32) __half halves[16 * 48];
+  __shared__ __align__(32) float floats[16 * 48];
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  // A correct load first: only the bad call aborts.
+  wmma::load_matrix_sync(a, halves, 40);
+  switch (static_cast<Misuse>(mode)) {
+    case Misuse::kMisaligned:  // 16 bytes past a 32-byte boundary
+      wmma::load_matrix_sync(a, halves + 8, 40);
+      break;
+    case Misuse::kMisalignedStore:
+      wmma::store_matrix_sync(floats + 4, acc, 20, wmma::mem_row_major);
+      break;
+    case Misuse::kBadLdm:  // 36 __half elements: a multiple of 16 bytes would be 40
+      wmma::load_matrix_sync(a, halves, 36);
+      break;
+    case Misuse::kBadLdmFloat:
+      wmma::load_matrix_sync(b, floats, 18);
+      break;
+    case Misuse::kPartialWarp:  // launched with 48 threads: threads 32..47 abort in fill_fragment
+      break;
+  }
+  floats[threadIdx.x] = acc.x[0];
 }
 
 void test_reduction() {
@@ -240,6 +363,104 @@ void test_half_types() {
         "math functions");
 }
 
+// Small integers, exactly representable in every element type, so that the reference is exact.
+float small_integer(unsigned& state, bool nonzero) {
+  for (;;) {
+    state = state * 1664525u + 1013904223u;
+    const int value = static_cast<int>(state >> 28) % 9 - 4;  // -4..4
+    if (!nonzero || value != 0) return static_cast<float>(value);
+  }
+}
+
+template <typename Elem, typename LayoutB, int KF>
+void test_wmma_gemm(const char* name) {
+  constexpr bool kTf32 = std::is_same<Elem, wmma::precision::tf32>::value;
+  const unsigned blocks = 2, size = kWmmaM * kWmmaK;  // every matrix is 32 x 32
+  unsigned state = 12345;
+  std::vector<float> a(blocks * size), b(blocks * size), c(blocks * size), d(blocks * size, -1.0f);
+  std::vector<float> a_exact(a.size()), b_exact(b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    a_exact[i] = small_integer(state, kTf32);
+    b_exact[i] = small_integer(state, kTf32);
+    c[i] = small_integer(state, false);
+    // tf32 operands get 2^-12 more magnitude, which rounding to tf32 on load must remove.
+    a[i] = kTf32 ? a_exact[i] + std::copysign(1.0f / 4096, a_exact[i]) : a_exact[i];
+    b[i] = kTf32 ? b_exact[i] + std::copysign(1.0f / 4096, b_exact[i]) : b_exact[i];
+  }
+  const float alpha = 0.5f;
+  const cudaError_t error =
+      cuda_emulation::launch(wmma_gemm<Elem, LayoutB, KF>, dim3(blocks), dim3(kWmmaThreads), 0,
+                             nullptr, a.data(), b.data(), c.data(), d.data(), alpha);
+  CHECK(error == cudaSuccess, "%s: launch returned %d", name, static_cast<int>(error));
+  int wrong = 0;
+  for (unsigned block = 0; block < blocks; ++block)
+    for (int m = 0; m < kWmmaM; ++m)
+      for (int n = 0; n < kWmmaN; ++n) {
+        const std::size_t at = block * size + m * kWmmaN + n;
+        float sum = c[at];
+        for (int k = 0; k < kWmmaK; ++k)
+          sum += a_exact[block * size + m * kWmmaK + k] * b_exact[block * size + k * kWmmaN + n];
+        const float expected = alpha * sum;
+        if (d[at] != expected && ++wrong <= 5)
+          CHECK(d[at] == expected, "%s: block %u d[%d][%d] = %.9g, expected %.9g", name, block, m,
+                n, d[at], expected);
+      }
+  CHECK(wrong == 0, "%s: %d wrong elements", name, wrong);
+}
+
+void test_wmma_layouts() {
+  std::vector<float> in(256), transposed(256, -1.0f), filled(256, -1.0f);
+  for (int i = 0; i < 256; ++i) in[i] = static_cast<float>(i);
+  const cudaError_t error = cuda_emulation::launch(wmma_layouts, dim3(1), dim3(32), 0, nullptr,
+                                                   in.data(), transposed.data(), filled.data());
+  CHECK(error == cudaSuccess, "launch returned %d", static_cast<int>(error));
+  for (int i = 0; i < 256; ++i) {
+    CHECK(transposed[i] == in[i % 16 * 16 + i / 16], "transposed[%d] = %g", i, transposed[i]);
+    CHECK(filled[i] == 25.0f, "filled[%d] = %g", i, filled[i]);
+  }
+}
+
+void test_tf32_rounding() {
+  using nvcuda::wmma::__float_to_tf32;
+  const float ulp = 1.0f / 1024;  // of tf32 at 1
+  struct Case {
+    float in, expected;
+  };
+  const Case cases[] = {
+      {1.0f, 1.0f},
+      {1.0f + ulp, 1.0f + ulp},
+      {1.0f + ulp / 2, 1.0f + ulp},                     // a tie: away from zero
+      {-(1.0f + ulp / 2), -(1.0f + ulp)},               // a tie: away from zero
+      {1.0f + 3 * ulp / 2, 1.0f + 2 * ulp},             // a tie
+      {1.0f + ulp / 2 - ulp / 8192, 1.0f},              // just below a tie
+      {1.0f + ulp / 4, 1.0f},
+      {2.0f - ulp / 4, 2.0f},                           // carries into the exponent
+      {0.1f, 0.0999755859375f},                         // 0x3DCCCCCD -> 0x3DCCC000
+      {0.0f, 0.0f},
+      {std::numeric_limits<float>::denorm_min(), 0.0f},
+      {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()},
+      {-std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()},
+  };
+  for (const Case& c : cases)
+    CHECK(__float_to_tf32(c.in) == c.expected, "__float_to_tf32(%.9g) = %.9g, expected %.9g",
+          c.in, __float_to_tf32(c.in), c.expected);
+  CHECK(std::signbit(__float_to_tf32(-0.0f)), "-0 keeps its sign");
+  CHECK(std::isnan(__float_to_tf32(std::numeric_limits<float>::quiet_NaN())), "NaN");
+  // Rounded on load and on fill (checked on every element: independent of the layout). The
+  // functions also run outside a kernel.
+  alignas(32) static float tile[16 * 8];
+  for (float& value : tile) value = 1.0f + ulp / 2;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+  wmma::load_matrix_sync(a, tile, 8);
+  int unrounded = 0;
+  for (int i = 0; i < a.num_elements; ++i) unrounded += a.x[i] != 1.0f + ulp;
+  CHECK(unrounded == 0, "load_matrix_sync(tf32) left %d elements unrounded", unrounded);
+  wmma::fill_fragment(a, 1.0f - ulp / 4);
+  int unrounded_fill = 0;
+  for (int i = 0; i < a.num_elements; ++i) unrounded_fill += a.x[i] != 1.0f;
+  CHECK(unrounded_fill == 0, "fill_fragment(tf32) left %d elements unrounded", unrounded_fill);
+}
+
 void test_timing() {
   const int launches = 1000, barrier_count = 10;
   const unsigned threads = 256;
@@ -260,10 +481,35 @@ void test_timing() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "divergent") == 0) {
-    std::vector<int> out(32, 0);
-    cuda_emulation::launch(divergent, dim3(1), dim3(32), 0, nullptr, out.data());
-    std::printf("divergent kernel did not abort\n");
+  if (argc > 1) {
+    const char* const mode = argv[1];
+    if (std::strcmp(mode, "divergent") == 0) {
+      std::vector<int> out(32, 0);
+      cuda_emulation::launch(divergent, dim3(1), dim3(32), 0, nullptr, out.data());
+    } else {
+      struct Mode {
+        const char* name;
+        Misuse misuse;
+        unsigned threads;
+      };
+      const Mode modes[] = {
+          {"misaligned", Misuse::kMisaligned, 32},
+          {"misaligned-store", Misuse::kMisalignedStore, 32},
+          {"bad-ldm", Misuse::kBadLdm, 32},
+          {"bad-ldm-float", Misuse::kBadLdmFloat, 32},
+          {"partial-warp", Misuse::kPartialWarp, 48},
+      };
+      const Mode* found = nullptr;
+      for (const Mode& m : modes)
+        if (std::strcmp(mode, m.name) == 0) found = &m;
+      if (found == nullptr) {
+        std::printf("unknown mode %s\n", mode);
+        return 2;
+      }
+      cuda_emulation::launch(wmma_misuse, dim3(1), dim3(found->threads), 0, nullptr,
+                             static_cast<int>(found->misuse));
+    }
+    std::printf("%s kernel did not abort\n", mode);
     return 0;
   }
   test_reduction();
@@ -272,6 +518,14 @@ int main(int argc, char** argv) {
   test_invalid_configurations();
   test_launch_count();
   test_half_types();
+  test_tf32_rounding();
+  test_wmma_layouts();
+  test_wmma_gemm<__half, wmma::col_major, 16>("half, col_major b");
+  test_wmma_gemm<__half, wmma::row_major, 16>("half, row_major b");
+  test_wmma_gemm<__nv_bfloat16, wmma::col_major, 16>("bfloat16, col_major b");
+  test_wmma_gemm<__nv_bfloat16, wmma::row_major, 16>("bfloat16, row_major b");
+  test_wmma_gemm<wmma::precision::tf32, wmma::col_major, 8>("tf32, col_major b");
+  test_wmma_gemm<wmma::precision::tf32, wmma::row_major, 8>("tf32, row_major b");
   test_timing();
   if (failures != 0) {
     std::printf("%d check(s) failed\n", failures);
