@@ -495,3 +495,20 @@ def test_autocast_bfloat16():
     output.float().sum().backward()
     assert fused.weight_ih_l0.grad.dtype == torch.float32  # back to the float32 master weights
     assert torch.isfinite(fused.weight_ih_l0.grad).all()
+
+
+def test_tf32_follows_the_cudnn_flag_like_nn_lstm():
+    """With torch.backends.cudnn.allow_tf32 on (PyTorch's default), nn.LSTM and lstm_fused's step
+    kernels both multiply in TF32: they agree to TF32's precision (10-bit mantissas), and
+    lstm_fused's result differs from its exact float32 one."""
+    reference, fused = cuda_pair(0, input_size=64, hidden_size=256)
+    x, h0, c0 = module_inputs(reference, 16, 64)
+    exact, _ = outputs_and_grads(fused, x, (h0, c0))
+    torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
+    ours, our_grads = outputs_and_grads(fused, x, (h0, c0))
+    theirs, their_grads = outputs_and_grads(reference, x, (h0, c0))
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-2, rtol=1e-2)
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=5e-2, rtol=5e-2)
+    assert not torch.equal(ours["output"], exact["output"])

@@ -45,6 +45,16 @@ def emulated(tmp_path_factory):
     return torch.ops.lstm_fused_emulated
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """Full float32 step products (TF32 follows torch.backends.cudnn.allow_tf32, as nn.LSTM's
+    does); test_tf32_follows_the_cudnn_flag turns it on."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 def make_inputs(T, B, I, H, P=0, bias=True, dtype=torch.float64, lengths=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
@@ -192,6 +202,22 @@ def test_half_types_each_tile(emulated, tile, dtype, atol, shape, reverse, lengt
     inputs = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=B)
     with lstm_fused.force_path(tile):
         check_half_type(emulated, inputs, reverse, dtype, atol)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_tf32_follows_the_cudnn_flag(emulated, tile):
+    """With torch.backends.cudnn.allow_tf32 (nn.LSTM's flag, on by default) the float32 medium and
+    large tiles multiply on tensor cores in TF32 (10-bit mantissas); without it, in float32."""
+    inputs = make_inputs(4, 21, 9, 19, 0, dtype=torch.float32, lengths=[4, 2, 3] * 7, seed=21)
+    with lstm_fused.force_path(tile):
+        exact = run_op(emulated, inputs, True)
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = run_op(emulated, inputs, True)
+        compare(inputs, True, emulated, atol=4e-3, rtol=4e-3)
+    exact_values = exact[0] + tuple(exact[1])
+    tf32_values = tf32[0] + tuple(tf32[1])
+    differs = any(not torch.equal(a, b) for a, b in zip(exact_values, tf32_values))
+    assert differs == (tile != "step_small")  # the small tile has no tensor-core version
 
 
 @pytest.mark.parametrize("training", [False, True])

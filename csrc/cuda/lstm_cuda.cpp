@@ -10,8 +10,9 @@
 // then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps (gradients_over_steps).
 //
 // Precision: float32 and float64 are computed in their own type, float16 and bfloat16 with float32
-// arithmetic, float32 cell state and float32 saved gates and cells. The step kernels never use
-// TF32; the GEMMs over all steps are ATen matmuls and follow torch.backends.cuda.matmul.allow_tf32.
+// arithmetic, float32 cell state and float32 saved gates and cells. The step kernels use TF32 for
+// float32 exactly when nn.LSTM does: when torch.backends.cudnn.allow_tf32 is set (the default).
+// The GEMMs over all steps are ATen matmuls and follow torch.backends.cuda.matmul.allow_tf32.
 #include "../lstm.h"
 #include "lstm_kernels.h"
 
@@ -64,7 +65,7 @@ struct DeviceGuard {
 };
 cudaStream_t current_stream() { return nullptr; }
 // An H100's, so that the automatic tile choice is the one made there.
-cuda::DeviceTraits device_traits() { return {132, true}; }
+cuda::DeviceTraits device_traits() { return {132, true, false}; }
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -80,7 +81,7 @@ cuda::DeviceTraits device_traits() {
   int multiprocessors = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  const cuda::DeviceTraits traits{multiprocessors, major >= 8};
+  const cuda::DeviceTraits traits{multiprocessors, major >= 8, false};
   known.emplace(device, traits);
   return traits;
 }
@@ -131,7 +132,8 @@ void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::
   const int64_t T_ = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const bool training = gates.defined(), has_proj = w_hr.has_value();
   const StepTile tile = step_tile();
-  const cuda::DeviceTraits device = device_traits();
+  cuda::DeviceTraits device = device_traits();
+  device.allow_tf32 = at::globalContext().allowTF32CuDNN();
   const cudaStream_t stream = current_stream();
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
@@ -227,7 +229,8 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
   const int64_t T_ = s.seq_len, H = s.hidden_size, P = s.output_size;
   const bool has_proj = w_hr.has_value();
   const StepTile tile = step_tile();
-  const cuda::DeviceTraits device = device_traits();
+  cuda::DeviceTraits device = device_traits();
+  device.allow_tf32 = at::globalContext().allowTF32CuDNN();
   const cudaStream_t stream = current_stream();
 
   // Raw pointers per step, from the step's index alone (see forward_steps).

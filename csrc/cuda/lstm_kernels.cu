@@ -37,8 +37,9 @@ struct Tile {
   static constexpr int units_per_block(int /*gates*/) { return BU; }
 };
 
-// Tensor-core tiles (float16/bfloat16 on sm_80+): four warps, each multiplying RF 16 x 16 row
-// fragments by one 16-column fragment of the weights with wmma (16 x 16 x 16, float accumulators).
+// Tensor-core tiles (float16/bfloat16, and float32 as TF32 where allowed, on sm_80+): four warps,
+// each multiplying RF 16-row fragments by one 16-column fragment of the weights with wmma (float
+// accumulators).
 // The 64 columns of a block are 16 units x 4 gates forward, 64 units backward.
 template <int RF_, int KT_>
 struct TensorTile {
@@ -94,6 +95,25 @@ __device__ __forceinline__ __half convert<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// An element of a tensor-core operand: half types as they are (or rounded from float), float
+// rounded to TF32.
+template <typename T>
+__device__ __forceinline__ T tensor_operand(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    return nvcuda::wmma::__float_to_tf32(v);
+#else
+    return v;
+#endif
+  } else {
+    return convert<T>(v);
+  }
+}
+template <typename T, typename U>
+__device__ __forceinline__ std::enable_if_t<!std::is_same_v<U, float>, T> tensor_operand(U v) {
+  return v;  // a half type, staged as it is
 }
 
 // Accurate library functions, not the fast intrinsics: results are compared with nn.LSTM.
@@ -248,9 +268,10 @@ __device__ __forceinline__ void tile_product(const TA* __restrict__ a, int k_siz
   }
 }
 
-// tile_product's contract, computed with tensor cores: T (__half or __nv_bfloat16) operands in
-// shared memory (a converted to T when staged: backward rounds dL/dz to T, as a cuDNN half RNN
-// does), float accumulation. Columns per block: 64 / GATES units x GATES.
+// tile_product's contract, computed with tensor cores and float accumulation. T is the operands'
+// type in shared memory: __half or __nv_bfloat16 (backward rounds dL/dz to it when staging, as a
+// cuDNN half RNN does; wmma 16 x 16 x 16), or float rounded to TF32 (wmma 16 x 16 x 8).
+// Columns per block: 64 / GATES units x GATES.
 template <class Cfg, int GATES, bool kWeightRowsAlongK, typename Acc, typename TA, typename T,
           typename Epilogue>
 __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, int k_size, int rows,
@@ -260,6 +281,9 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
                                                     Epilogue&& epilogue) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int FK = kTf32 ? 8 : 16;  // K of one wmma
+  using Operand = std::conditional_t<kTf32, wmma::precision::tf32, T>;
   constexpr int UNITS = Cfg::COLUMNS / GATES;
   // Leading dimensions padded by 16 bytes (8 half elements, 4 floats): rows fall in different
   // banks, and every fragment starts on the 32-byte boundary wmma requires.
@@ -283,8 +307,8 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
       const int e = tid + r * Cfg::THREADS;
       const int row = row0 + e / Cfg::KT, k = k0 + e % Cfg::KT;
       a_next[r] = (row < rows && k < k_size)
-                      ? convert<T>(a[static_cast<int64_t>(row) * k_size + k])
-                      : convert<T>(0.0f);
+                      ? tensor_operand<T>(a[static_cast<int64_t>(row) * k_size + k])
+                      : tensor_operand<T>(0.0f);
     }
 #pragma unroll
     for (int r = 0; r < kWLoads; ++r) {
@@ -301,7 +325,7 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
         inside = column < columns && k < k_size;
         at = static_cast<int64_t>(k) * ldw + column;
       }
-      w_next[r] = inside ? w[at] : convert<T>(0.0f);
+      w_next[r] = inside ? tensor_operand<T>(w[at]) : tensor_operand<T>(0.0f);
     }
   };
   auto stash = [&]() {
@@ -322,7 +346,7 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
   };
 
   using WeightLayout = std::conditional_t<kWeightRowsAlongK, wmma::col_major, wmma::row_major>;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Cfg::RF];
+  wmma::fragment<wmma::accumulator, 16, 16, FK, float> acc[Cfg::RF];
 #pragma unroll
   for (int r = 0; r < Cfg::RF; ++r) wmma::fill_fragment(acc[r], 0.0f);
   if (k_size > 0) fetch(0);
@@ -331,14 +355,14 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
     __syncthreads();
     if (k0 + Cfg::KT < k_size) fetch(k0 + Cfg::KT);
 #pragma unroll
-    for (int kk = 0; kk < Cfg::KT; kk += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, WeightLayout> b;
+    for (int kk = 0; kk < Cfg::KT; kk += FK) {
+      wmma::fragment<wmma::matrix_b, 16, 16, FK, Operand, WeightLayout> b;
       wmma::load_matrix_sync(b, kWeightRowsAlongK ? w_tile + warp * 16 * LDW + kk
                                                   : w_tile + kk * LDW + warp * 16,
                              LDW);
 #pragma unroll
       for (int r = 0; r < Cfg::RF; ++r) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_fragment;
+        wmma::fragment<wmma::matrix_a, 16, 16, FK, Operand, wmma::row_major> a_fragment;
         wmma::load_matrix_sync(a_fragment, a_tile + r * 16 * LDA + kk, LDA);
         wmma::mma_sync(acc[r], a_fragment, b, acc[r]);
       }
@@ -541,12 +565,13 @@ cudaError_t with_tile(StepTile tile, int batch, int columns, int gates, int mult
 template <typename T>
 constexpr bool kHalfType = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
-// Half types use the tensor-core tiles where the device has them (sm_80+).
+// Half types use the tensor-core tiles where the device has them (sm_80+), float32 too where
+// TF32 is allowed.
 template <typename T, typename Launch>
 cudaError_t with_tile_for(StepTile tile, int batch, int columns, int gates,
                           const DeviceTraits& device, Launch&& launch_tile) {
-  if constexpr (kHalfType<T>) {
-    if (device.tensor_cores) {
+  if constexpr (kHalfType<T> || std::is_same_v<T, float>) {
+    if (device.tensor_cores && (kHalfType<T> || device.allow_tf32)) {
       return with_tile<TensorTiles>(tile, batch, columns, gates, device.multiprocessors,
                                     launch_tile);
     }

@@ -40,8 +40,8 @@ using acc_t = typename Accumulate<T>::type;
 enum class StepTile : int {
   kAuto = 0,
   kSmall = 1,   // 4 rows x 4 units, the product split 64 ways along K: batch <= 4
-  kMedium = 2,  // 16 rows x 16 units, split 8 ways along K; half types: tensor cores, 16 rows
-  kLarge = 3,   // 64 rows x 32 units, 8 x 2 units per thread; half types: tensor cores, 32 rows;
+  kMedium = 2,  // 16 rows x 16 units, split 8 ways along K; on tensor cores: 16 rows
+  kLarge = 3,   // 64 rows x 32 units, 8 x 2 units per thread; on tensor cores: 32 rows;
                 // chosen when it gives every multiprocessor a block
 };
 
@@ -49,6 +49,7 @@ enum class StepTile : int {
 struct DeviceTraits {
   int multiprocessors;  // guides the automatic tile choice
   bool tensor_cores;    // sm_80 or newer: float16/bfloat16 medium and large tiles use wmma
+  bool allow_tf32;      // and so do float32's, in TF32
 };
 
 // Forward step t: z = x_t W_ih^T + b + h_{t-1} W_hh^T; i, f, g, o = σ, σ, tanh, σ of z;
