@@ -7,7 +7,7 @@ Environment variables:
   LSTM_FUSED_CUDA=1|0       force or skip the CUDA kernels (default: build them when torch has CUDA
                             and nvcc is found)
   LSTM_FUSED_CUDA_ARCHS     CUDA architectures, e.g. "80;90" (default: TORCH_CUDA_ARCH_LIST, else
-                            the visible GPUs, else "80;90")
+                            the visible GPUs, else "7.5;8.0;9.0+PTX")
 """
 import glob
 import os
@@ -66,7 +66,8 @@ if cuda:
             f"{a[:-1]}.{a[-1]}" if "." not in a else a for a in archs.replace(",", ";").split(";") if a
         )
     elif "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        # Turing (the scalar tiles only), Ampere, Hopper, and PTX for newer GPUs to JIT-compile.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;8.0;9.0+PTX"
     extension = CUDAExtension(
         "lstm_fused._C",
         sources("*.cpp", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"),

@@ -44,9 +44,9 @@ LstmSizes check_forward_args(const at::Tensor& x, const at::Tensor& h0, const at
   TORCH_CHECK(w_ih.size(1) == s.input_size, "lstm_fused: w_ih has ", w_ih.size(1),
               " input columns but x has input_size ", s.input_size);
   if (w_hr.has_value()) {
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size,
-                "lstm_fused: w_hr must be 2-D [proj_size, hidden_size=", s.hidden_size,
-                "], got shape ", shape_of(*w_hr));
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0,
+                "lstm_fused: w_hr must be 2-D [proj_size > 0, hidden_size=", s.hidden_size,
+                "], got shape ", shape_of(*w_hr), " (without a projection, pass no w_hr)");
     s.output_size = w_hr->size(0);
     check_like_x(x, *w_hr, "w_hr");
   }

@@ -220,6 +220,28 @@ def test_tf32_follows_the_cudnn_flag(emulated, tile):
     assert differs == (tile != "step_small")  # the small tile has no tensor-core version
 
 
+@pytest.mark.skipif(not hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"),
+                    reason="needs torch.backends.cudnn.rnn.fp32_precision (newer PyTorch)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tf32_follows_the_per_operator_precision_api(emulated, dtype):
+    """torch.backends.cudnn.rnn.fp32_precision, apart from conv's, decides like the legacy flag;
+    no dtype's call fails over the two disagreeing."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision
+    inputs = make_inputs(3, 21, 9, 19, 0, dtype=dtype, seed=22)
+    try:
+        with lstm_fused.force_path("step_medium"):
+            cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision = "ieee", "tf32"
+            exact = run_op(emulated, inputs, False)
+            cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision = "tf32", "ieee"
+            tf32 = run_op(emulated, inputs, False)
+    finally:
+        cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision = saved
+    same = all(torch.equal(a, b) for a, b in zip(exact[0] + tuple(exact[1]),
+                                                 tf32[0] + tuple(tf32[1])))
+    assert same == (dtype != torch.float32)
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_outputs_as_the_fake_kernel_declares(emulated, training, dtype):

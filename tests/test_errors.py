@@ -62,7 +62,9 @@ def op_args(**changes):
     (dict(h0=state(3, 5)), "h0 must have shape \\[2, 5\\], got \\[3, 5\\]"),
     (dict(c0=state(2, 4)), "c0 must have shape \\[2, 5\\], got \\[2, 4\\]"),
     (dict(b_ih=torch.randn(21)), "b_ih must have shape \\[20\\]"),
-    (dict(w_hr=torch.randn(3, 4)), "w_hr must be 2-D \\[proj_size, hidden_size=5\\]"),
+    (dict(w_hr=torch.randn(3, 4)), "w_hr must be 2-D \\[proj_size > 0, hidden_size=5\\]"),
+    (dict(w_hr=torch.randn(0, 5), w_hh=torch.randn(20, 0), h0=state(2, 0)),
+     "w_hr must be 2-D \\[proj_size > 0, hidden_size=5\\], got shape \\[0, 5\\]"),
     (dict(w_hh=torch.randn(20, 5, dtype=torch.float64)), "w_hh has dtype Double but x has dtype Float"),
     (dict(lengths=torch.tensor([1, 2, 3])), "lengths must have shape \\[2\\]"),
     (dict(lengths=torch.tensor([1.0, 2.0])), "lengths must be int64"),
@@ -71,7 +73,7 @@ def op_args(**changes):
     (dict(x=torch.ones(3, 2, 4, dtype=torch.long), w_ih=torch.ones(20, 4, dtype=torch.long)),
      "x must have a floating-point dtype, got Long"),
 ], ids=["x_rank", "x_features", "w_ih_rows", "w_hh_shape", "h0_batch", "c0_size", "bias_size",
-        "w_hr_shape", "weight_dtype", "lengths_shape", "lengths_dtype", "lengths_high",
+        "w_hr_shape", "w_hr_empty", "weight_dtype", "lengths_shape", "lengths_dtype", "lengths_high",
         "lengths_negative", "integer_dtype"])
 def test_op_rejects(changes, match):
     args = op_args(**changes)

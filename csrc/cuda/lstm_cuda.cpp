@@ -11,7 +11,8 @@
 //
 // Precision: float32 and float64 are computed in their own type, float16 and bfloat16 with float32
 // arithmetic, float32 cell state and float32 saved gates and cells. The step kernels use TF32 for
-// float32 exactly when nn.LSTM does: when torch.backends.cudnn.allow_tf32 is set (the default).
+// float32 exactly when nn.LSTM does: when cuDNN may use TF32 for RNNs
+// (torch.backends.cudnn.allow_tf32, the default, or torch.backends.cudnn.rnn.fp32_precision).
 // The GEMMs over all steps are ATen matmuls and follow torch.backends.cuda.matmul.allow_tf32.
 #include "../lstm.h"
 #include "lstm_kernels.h"
@@ -23,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #ifdef LSTM_FUSED_EMULATE_CUDA
@@ -81,11 +83,43 @@ cuda::DeviceTraits device_traits() {
   int multiprocessors = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  const cuda::DeviceTraits traits{multiprocessors, major >= 8, false};
+  const cuda::DeviceTraits traits{multiprocessors, major >= 8 && cuda::tensor_core_kernels_built(),
+                                  false};
   known.emplace(device, traits);
   return traits;
 }
 #endif
+
+// torch.backends.cudnn's TF32 setting for RNNs, the one nn.LSTM follows, across the three forms
+// of at::Context::allowTF32CuDNN in the supported PyTorch releases: no argument, an operator
+// name, an operator enum.
+template <typename Op>
+struct RnnOp;
+template <typename Enum>
+struct RnnOp<std::optional<Enum>> {
+  static constexpr Enum value = Enum::RNN;
+};
+template <typename Context, typename Parameter>
+bool rnn_allows_tf32(const Context& context, bool (Context::*)(Parameter) const) {
+  if constexpr (std::is_convertible_v<const char*, Parameter>) {
+    return context.allowTF32CuDNN("rnn");
+  } else {
+    return context.allowTF32CuDNN(RnnOp<std::decay_t<Parameter>>::value);
+  }
+}
+template <typename Context>
+bool rnn_allows_tf32(const Context& context, bool (Context::*)() const) {
+  return context.allowTF32CuDNN();
+}
+
+template <typename scalar_t>
+bool allow_tf32() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return rnn_allows_tf32(at::globalContext(), &at::Context::allowTF32CuDNN);
+  } else {
+    return false;
+  }
+}
 
 void check_launch(cudaError_t error, const char* kernel) {
   TORCH_CHECK(error == cudaSuccess, "lstm_fused: launching the CUDA ", kernel, " failed: ",
@@ -133,7 +167,7 @@ void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::
   const bool training = gates.defined(), has_proj = w_hr.has_value();
   const StepTile tile = step_tile();
   cuda::DeviceTraits device = device_traits();
-  device.allow_tf32 = at::globalContext().allowTF32CuDNN();
+  device.allow_tf32 = allow_tf32<scalar_t>();
   const cudaStream_t stream = current_stream();
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
   const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
@@ -230,7 +264,7 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
   const bool has_proj = w_hr.has_value();
   const StepTile tile = step_tile();
   cuda::DeviceTraits device = device_traits();
-  device.allow_tf32 = at::globalContext().allowTF32CuDNN();
+  device.allow_tf32 = allow_tf32<scalar_t>();
   const cudaStream_t stream = current_stream();
 
   // Raw pointers per step, from the step's index alone (see forward_steps).

@@ -33,6 +33,9 @@ struct Tile {
   static_assert(BM % TM == 0 && BU % TU == 0 && KT % KSPLIT == 0, "tile does not divide");
   static_assert(KSPLIT == 1 || BM * BU <= THREADS, "the K reduction gives a thread one pair");
   static_assert(THREADS <= 1024, "too many threads");
+  // Row padding of the shared tiles, so that the threads of a warp reading down a column hit
+  // different banks: with a K split of 2-16 lanes, a stride of 8 (mod 32) words; else odd.
+  static constexpr int PAD = (KSPLIT > 1 && KSPLIT < 32) ? 8 : 1;
   static constexpr bool kTensorCores = false;
   static constexpr int units_per_block(int /*gates*/) { return BU; }
 };
@@ -137,9 +140,8 @@ __device__ __forceinline__ void tile_product(const TA* __restrict__ a, int k_siz
                                              int row0, const TW* __restrict__ w, int64_t ldw,
                                              int64_t gate_stride, int columns, int column0,
                                              Epilogue&& epilogue) {
-  // +1: rows of the tiles fall in different banks when threads read down a column.
-  __shared__ Acc a_tile[Cfg::BM][Cfg::KT + 1];
-  __shared__ Acc w_tile[GATES * Cfg::BU][Cfg::KT + 1];
+  __shared__ Acc a_tile[Cfg::BM][Cfg::KT + Cfg::PAD];
+  __shared__ Acc w_tile[GATES * Cfg::BU][Cfg::KT + Cfg::PAD];
   const int tid = threadIdx.x;
   const int ks = tid % Cfg::KSPLIT;
   const int column_group = (tid / Cfg::KSPLIT) % Cfg::COLUMN_GROUPS;
@@ -287,10 +289,11 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
   constexpr int UNITS = Cfg::COLUMNS / GATES;
   // Leading dimensions padded by 16 bytes (8 half elements, 4 floats): rows fall in different
   // banks, and every fragment starts on the 32-byte boundary wmma requires.
-  constexpr int LDA = Cfg::KT + 8;
-  constexpr int LDW = kWeightRowsAlongK ? Cfg::KT + 8 : Cfg::COLUMNS + 8;
+  constexpr int PAD = 16 / static_cast<int>(sizeof(T));
+  constexpr int LDA = Cfg::KT + PAD;
+  constexpr int LDW = kWeightRowsAlongK ? Cfg::KT + PAD : Cfg::COLUMNS + PAD;
   constexpr int W_ROWS = kWeightRowsAlongK ? Cfg::COLUMNS : Cfg::KT;
-  constexpr int LDO = Cfg::COLUMNS + 4;
+  constexpr int LDO = Cfg::COLUMNS + 8;
   __shared__ __align__(32) T a_tile[Cfg::BM * LDA];
   __shared__ __align__(32) T w_tile[W_ROWS * LDW];
   __shared__ __align__(32) float out_tile[Cfg::BM * LDO];
@@ -386,6 +389,8 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
     epilogue(row, column, sums);
   }
   __syncthreads();  // out_tile is written again by the next row tile
+#else
+  __trap();  // unreachable: the launchers use these tiles only where sm_80 code was built
 #endif
 }
 
@@ -580,6 +585,22 @@ cudaError_t with_tile_for(StepTile tile, int batch, int columns, int gates,
 }
 
 }  // namespace
+
+bool tensor_core_kernels_built() {
+#ifdef LSTM_FUSED_EMULATE_CUDA
+  return true;
+#else
+  // The PTX architecture of the code this device runs: below 8.0 (a build for older GPUs running
+  // on a newer one), the tensor-core tiles were compiled empty.
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, forward_step_kernel<MediumTensorTile, __half>) !=
+      cudaSuccess) {
+    cudaGetLastError();  // clears the error: no usable image means no tensor-core tiles
+    return false;
+  }
+  return attributes.ptxVersion >= 80;
+#endif
+}
 
 template <typename T>
 cudaError_t launch_forward_step(const ForwardStep<T>& step, StepTile tile,

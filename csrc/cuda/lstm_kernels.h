@@ -48,7 +48,7 @@ enum class StepTile : int {
 // What the launchers need to know of the device.
 struct DeviceTraits {
   int multiprocessors;  // guides the automatic tile choice
-  bool tensor_cores;    // sm_80 or newer: float16/bfloat16 medium and large tiles use wmma
+  bool tensor_cores;    // sm_80+ device and code: float16/bfloat16 medium and large tiles use wmma
   bool allow_tf32;      // and so do float32's, in TF32
 };
 
@@ -111,6 +111,9 @@ struct BackwardStep {
   int64_t t_next;
   bool first;                 // t is the first step processed: G_t = grad_h as given
 };
+
+// Whether the tensor-core tiles were compiled for the current device (sm_80+ code that it runs).
+bool tensor_core_kernels_built();
 
 // Each launches one kernel on `stream` and returns the launch's error (cudaSuccess if none).
 template <typename T>
