@@ -84,24 +84,8 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// float -> a half type (round to nearest even), and a half type to itself.
-template <typename T>
-__device__ __forceinline__ T convert(T v) {
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ T convert(float v);
-template <>
-__device__ __forceinline__ __half convert<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// An element of a tensor-core operand: half types as they are (or rounded from float), float
-// rounded to TF32.
+// An element of a tensor-core operand from float: rounded to nearest even for the half types,
+// to TF32 for float.
 template <typename T>
 __device__ __forceinline__ T tensor_operand(float v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -110,8 +94,10 @@ __device__ __forceinline__ T tensor_operand(float v) {
 #else
     return v;
 #endif
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
   } else {
-    return convert<T>(v);
+    return __float2bfloat16_rn(v);
   }
 }
 template <typename T, typename U>
@@ -126,6 +112,37 @@ __device__ __forceinline__ float tanh_of(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_of(double x) { return tanh(x); }
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Where element e of a block's K tile starting at k0 lies in global memory, in the order in which
+// consecutive threads read; false where it lies outside (it counts as zero).
+//   a [rows, k_size]: along k of one row.
+//   weights, GATES x UNITS columns: along k of one weight row when kWeightRowsAlongK (forward:
+//   row q * gate_stride + column of W_hh), else along the columns of row k (backward: w[k, column]).
+template <int KT>
+__device__ __forceinline__ bool a_element(int e, int k0, int k_size, int row0, int rows,
+                                          int64_t* at) {
+  const int row = row0 + e / KT, k = k0 + e % KT;
+  *at = static_cast<int64_t>(row) * k_size + k;
+  return row < rows && k < k_size;
+}
+
+template <int KT, int GATES, int UNITS, bool kWeightRowsAlongK>
+__device__ __forceinline__ bool weight_element(int e, int k0, int k_size, int column0,
+                                               int columns, int64_t ldw, int64_t gate_stride,
+                                               int64_t* at) {
+  int column, k;
+  if constexpr (kWeightRowsAlongK) {
+    const int n = e / KT;
+    column = column0 + n % UNITS;
+    k = k0 + e % KT;
+    *at = ((n / UNITS) * gate_stride + column) * ldw + k;
+  } else {
+    column = column0 + e % (GATES * UNITS);
+    k = k0 + e / (GATES * UNITS);
+    *at = static_cast<int64_t>(k) * ldw + column;
+  }
+  return column < columns && k < k_size;
+}
 
 // For rows [row0, row0 + BM) and columns [column0, column0 + BU) of the block, times GATES:
 //   sum[r][c][q] = sum_{k < k_size} a[row, k] * w(q, column, k)
@@ -162,30 +179,22 @@ __device__ __forceinline__ void tile_product(const TA* __restrict__ a, int k_siz
   Acc a_next[kALoads];
   Acc w_next[kWLoads];
   auto fetch = [&](int k0) {
+    int64_t at;
 #pragma unroll
     for (int r = 0; r < kALoads; ++r) {
       const int e = tid + r * Cfg::THREADS;
-      const int row = row0 + e / Cfg::KT, k = k0 + e % Cfg::KT;
-      a_next[r] = (e < Cfg::BM * Cfg::KT && row < rows && k < k_size)
-                      ? static_cast<Acc>(to_acc(a[static_cast<int64_t>(row) * k_size + k]))
+      a_next[r] = e < Cfg::BM * Cfg::KT && a_element<Cfg::KT>(e, k0, k_size, row0, rows, &at)
+                      ? static_cast<Acc>(to_acc(a[at]))
                       : Acc(0);
     }
 #pragma unroll
     for (int r = 0; r < kWLoads; ++r) {
       const int e = tid + r * Cfg::THREADS;
-      bool inside = e < GATES * Cfg::BU * Cfg::KT;
-      int64_t at = 0;
-      if (kWeightRowsAlongK) {  // consecutive threads read consecutive k of one weight row
-        const int n = e / Cfg::KT, k = k0 + e % Cfg::KT;
-        const int q = n / Cfg::BU, column = column0 + n % Cfg::BU;
-        inside = inside && column < columns && k < k_size;
-        at = (q * gate_stride + column) * ldw + k;
-      } else {  // consecutive threads read consecutive columns of one weight row
-        const int column = column0 + e % Cfg::BU, k = k0 + e / Cfg::BU;
-        inside = inside && column < columns && k < k_size;
-        at = static_cast<int64_t>(k) * ldw + column;
-      }
-      w_next[r] = inside ? static_cast<Acc>(to_acc(w[at])) : Acc(0);
+      w_next[r] = e < GATES * Cfg::BU * Cfg::KT &&
+                          weight_element<Cfg::KT, GATES, Cfg::BU, kWeightRowsAlongK>(
+                              e, k0, k_size, column0, columns, ldw, gate_stride, &at)
+                      ? static_cast<Acc>(to_acc(w[at]))
+                      : Acc(0);
     }
   };
   auto stash = [&]() {
@@ -305,30 +314,21 @@ __device__ __forceinline__ void tensor_tile_product(const TA* __restrict__ a, in
   T a_next[kALoads];
   T w_next[kWLoads];
   auto fetch = [&](int k0) {
+    int64_t at;
 #pragma unroll
     for (int r = 0; r < kALoads; ++r) {
       const int e = tid + r * Cfg::THREADS;
-      const int row = row0 + e / Cfg::KT, k = k0 + e % Cfg::KT;
-      a_next[r] = (row < rows && k < k_size)
-                      ? tensor_operand<T>(a[static_cast<int64_t>(row) * k_size + k])
+      a_next[r] = a_element<Cfg::KT>(e, k0, k_size, row0, rows, &at)
+                      ? tensor_operand<T>(a[at])
                       : tensor_operand<T>(0.0f);
     }
 #pragma unroll
     for (int r = 0; r < kWLoads; ++r) {
       const int e = tid + r * Cfg::THREADS;
-      bool inside;
-      int64_t at;
-      if (kWeightRowsAlongK) {  // consecutive threads read consecutive k of one weight row
-        const int n = e / Cfg::KT, k = k0 + e % Cfg::KT;
-        const int q = n / UNITS, column = column0 + n % UNITS;
-        inside = column < columns && k < k_size;
-        at = (q * gate_stride + column) * ldw + k;
-      } else {  // consecutive threads read consecutive columns of one weight row
-        const int column = column0 + e % Cfg::COLUMNS, k = k0 + e / Cfg::COLUMNS;
-        inside = column < columns && k < k_size;
-        at = static_cast<int64_t>(k) * ldw + column;
-      }
-      w_next[r] = inside ? tensor_operand<T>(w[at]) : tensor_operand<T>(0.0f);
+      w_next[r] = weight_element<Cfg::KT, GATES, UNITS, kWeightRowsAlongK>(
+                      e, k0, k_size, column0, columns, ldw, gate_stride, &at)
+                      ? tensor_operand<T>(w[at])
+                      : tensor_operand<T>(0.0f);
     }
   };
   auto stash = [&]() {
