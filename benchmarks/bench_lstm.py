@@ -232,19 +232,22 @@ def layer_weights(module: nn.LSTM, layer: int, direction: int) -> Tuple[Tensor, 
                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
 
-def python_lstm(x: Tensor, h0: Tensor, c0: Tensor, cells: Sequence[Callable], directions: int):
+def python_lstm(x: Tensor, h0: Tensor, c0: Tensor, cells: Sequence[Callable], directions: int,
+                project: Optional[Callable] = None):
     """A multi-layer (bi)directional LSTM as a Python loop over time steps; cells[layer *
-    directions + direction](x_t, (h, c)) -> (h, c) computes one step."""
+    directions + direction](x_t, (h, c)) -> (h, c) computes one step. With project, the cells
+    receive project(index, layer_input)[t] instead of x_t (an input projection of all steps)."""
     sequence, h_n, c_n = x, [], []
     for layer in range(len(cells) // directions):
         outputs = []
         for direction in range(directions):
             index = layer * directions + direction
+            inputs = sequence if project is None else project(index, sequence)
             h, c = h0[index], c0[index]
             steps = range(sequence.shape[0])
             ys: List[Optional[Tensor]] = [None] * len(steps)
             for t in (reversed(steps) if direction else steps):
-                h, c = cells[index](sequence[t], (h, c))
+                h, c = cells[index](inputs[t], (h, c))
                 ys[t] = h
             outputs.append(torch.stack(ys))
             h_n.append(h)
@@ -396,26 +399,21 @@ def fused_gate_lstm(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tuple[T
     """The Python LSTM loop compiled-loop compiles: per layer and direction, the input projection
     of all steps at once, then one fused-gate matmul per step. weights[layer * directions +
     direction] = (weight_ih, weight_hh, bias_ih, bias_hh) as in nn.LSTM."""
-    sequence, h_n, c_n = x, [], []
-    for layer in range(len(weights) // directions):
-        outputs = []
-        for direction in range(directions):
-            index = layer * directions + direction
-            w_ih, w_hh, b_ih, b_hh = weights[index]
-            projected = sequence @ w_ih.T + (b_ih + b_hh)
-            h, c = h0[index], c0[index]
-            steps = range(sequence.shape[0])
-            ys: List[Optional[Tensor]] = [None] * len(steps)
-            for t in (reversed(steps) if direction else steps):
-                i, f, g, o = (projected[t] + h @ w_hh.T).chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                ys[t] = h
-            outputs.append(torch.stack(ys))
-            h_n.append(h)
-            c_n.append(c)
-        sequence = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
-    return sequence, torch.stack(h_n), torch.stack(c_n)
+
+    def project(index: int, sequence: Tensor) -> Tensor:
+        w_ih, _, b_ih, b_hh = weights[index]
+        return sequence @ w_ih.T + (b_ih + b_hh)
+
+    def fused_gate_cell(w_hh: Tensor) -> Callable:
+        def step(projected: Tensor, state: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+            h, c = state
+            i, f, g, o = (projected + h @ w_hh.T).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        return step
+
+    cells = [fused_gate_cell(w_hh) for _, w_hh, _, _ in weights]
+    return python_lstm(x, h0, c0, cells, directions, project)
 
 
 def compiled_loop(case: Case, backend_options: Optional[dict] = None) -> Built:
