@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the ops)
+from ._padding import zero_padded_steps
 
 
 def _autocast(*tensors):
@@ -60,8 +61,6 @@ def lstm(
     output, h_n, c_n, _, _ = torch.ops.lstm_fused.forward(
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse, training)
     if lengths is not None:
-        # The op carries the last state through padded steps; the padded outputs are zeros.
-        steps = torch.arange(output.shape[0], device=output.device)
-        padded = steps[:, None] >= lengths[None, :]
-        output = output.masked_fill(padded[:, :, None], 0.0)
+        # The op's y holds the carried state at padded steps; the padded outputs are zeros.
+        output = zero_padded_steps(output, lengths)
     return output, (h_n, c_n)

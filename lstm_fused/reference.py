@@ -4,6 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._padding import zero_padded_steps
+
 
 def lstm_reference(
     input: Tensor,
@@ -37,16 +39,16 @@ def lstm_reference(
         h_next = o * torch.tanh(c_next)
         if weight_hr is not None:
             h_next = h_next @ weight_hr.t()
-        if lengths is not None:
+        if lengths is not None:  # past its end, a sequence carries its state
             running = (t < lengths)[:, None]
             h_next = torch.where(running, h_next, h)
             c_next = torch.where(running, c_next, c)
-            outputs[t] = torch.where(running, h_next, torch.zeros_like(h_next))
-        else:
-            outputs[t] = h_next
+        outputs[t] = h_next
         h, c = h_next, c_next
     if seq_len == 0:
         output = input.new_zeros(0, input.shape[1], h.shape[-1])
     else:
         output = torch.stack(outputs)
+    if lengths is not None:
+        output = zero_padded_steps(output, lengths)
     return output, (h, c)

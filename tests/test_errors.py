@@ -4,6 +4,7 @@ import torch
 
 import lstm_fused
 from lstm_fused import lstm
+from lstm_testing import make_inputs
 
 
 @pytest.fixture
@@ -47,9 +48,8 @@ def test_module_rejects(model, make_input, make_hx, error, match):
 
 
 def op_args(**changes):
-    args = dict(x=torch.randn(3, 2, 4), h0=state(2, 5), c0=state(2, 5), w_ih=torch.randn(20, 4),
-                w_hh=torch.randn(20, 5), b_ih=torch.randn(20), b_hh=torch.randn(20), w_hr=None,
-                lengths=None)
+    """The forward op's arguments for T=3, B=2, I=4, H=5 (lstm_testing.make_inputs), changed."""
+    args = make_inputs(3, 2, 4, 5, dtype=torch.float32)
     args.update(changes)
     return args
 

@@ -6,48 +6,10 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
-from conftest import assert_close_to, float64_copy, make_pair
+from lstm_testing import Tagger, check_against_nn_lstm, make_pair, module_inputs
 
 # num_layers, bias, batch_first, bidirectional, proj_size
 CONFIGS = list(itertools.product([1, 2], [True, False], [False, True], [False, True], [0, 3]))
-
-
-def run_with_grads(module, x, hx, output_weights):
-    """Outputs and the gradients of a weighted sum of them w.r.t. x, hx and every parameter."""
-    output, (h_n, c_n) = module(x, hx)
-    data = output.data if isinstance(output, torch.nn.utils.rnn.PackedSequence) else output
-    loss = sum((t * w).sum() for t, w in zip((data, h_n, c_n), output_weights))
-    inputs = [x] + ([] if hx is None else list(hx)) + list(module.parameters())
-    names = ["input"] + ([] if hx is None else ["h_0", "c_0"])
-    names += [name for name, _ in module.named_parameters()]
-    grads = torch.autograd.grad(loss, inputs)
-    return dict(zip(["output", "h_n", "c_n"], (data, h_n, c_n))), dict(zip(names, grads))
-
-
-def leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).requires_grad_()
-
-
-def compare(reference, fused, x, hx, dtype):
-    """Runs nn.LSTM, lstm_fused.LSTM and nn.LSTM in float64 on the same inputs and compares."""
-    reference64 = float64_copy(reference)
-    results = []
-    for module, as_dtype in ((reference, dtype), (fused, dtype), (reference64, torch.float64)):
-        x_i = leaf(x, as_dtype)
-        hx_i = None if hx is None else tuple(leaf(t, as_dtype) for t in hx)
-        with torch.no_grad():
-            probe, (h_probe, c_probe) = module(x_i, hx_i)
-        output_weights = [torch.linspace(-1, 1, t.numel(), dtype=as_dtype).view_as(t)
-                          for t in (probe, h_probe, c_probe)]
-        results.append(run_with_grads(module, x_i, hx_i, output_weights))
-    (out_t, grad_t), (out_f, grad_f), (out_64, grad_64) = results
-    assert grad_t.keys() == grad_f.keys()
-    for name in out_t:
-        assert out_f[name].shape == out_t[name].shape, name
-        assert out_f[name].dtype == dtype
-        assert_close_to(out_f[name], out_t[name], out_64[name], dtype, name)
-    for name in grad_t:
-        assert_close_to(grad_f[name], grad_t[name], grad_64[name], dtype, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -62,18 +24,8 @@ def test_matches_nn_lstm(num_layers, bias, batch_first, bidirectional, proj_size
         batch_first=batch_first, bidirectional=bidirectional, proj_size=proj_size, dtype=dtype)
     for (name_r, p_r), (name_f, p_f) in zip(reference.named_parameters(), fused.named_parameters()):
         assert name_r == name_f and torch.equal(p_r, p_f), "initialisation differs from nn.LSTM"
-    states = num_layers * (2 if bidirectional else 1)
-    output_size = proj_size or hidden_size
-    if batched:
-        x = torch.randn((batch, seq_len, input_size) if batch_first else (seq_len, batch, input_size),
-                        dtype=dtype)
-        hx = (torch.randn(states, batch, output_size, dtype=dtype),
-              torch.randn(states, batch, hidden_size, dtype=dtype))
-    else:
-        x = torch.randn(seq_len, input_size, dtype=dtype)
-        hx = (torch.randn(states, output_size, dtype=dtype),
-              torch.randn(states, hidden_size, dtype=dtype))
-    compare(reference, fused, x, hx if hx_given else None, dtype)
+    x, h0, c0 = module_inputs(fused, seq_len, batch, dtype, seed=7, batched=batched)
+    check_against_nn_lstm(reference, fused, x, (h0, c0) if hx_given else None)
 
 
 @pytest.mark.parametrize("seq_len,batch,input_size,hidden_size,bidirectional", [
@@ -86,10 +38,8 @@ def test_matches_nn_lstm(num_layers, bias, batch_first, bidirectional, proj_size
 def test_odd_sizes(seq_len, batch, input_size, hidden_size, bidirectional):
     reference, fused = make_pair(input_size=input_size, hidden_size=hidden_size,
                                  bidirectional=bidirectional)
-    directions = 2 if bidirectional else 1
-    x = torch.randn(seq_len, batch, input_size)
-    hx = (torch.randn(directions, batch, hidden_size), torch.randn(directions, batch, hidden_size))
-    compare(reference, fused, x, hx, torch.float32)
+    x, h0, c0 = module_inputs(fused, seq_len, batch, seed=seq_len + batch)
+    check_against_nn_lstm(reference, fused, x, (h0, c0))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -116,26 +66,16 @@ def test_packed_sequence(enforce_sorted, hx_given, bidirectional, proj_size):
     reference, fused = make_pair(input_size=4, hidden_size=6, num_layers=2,
                                  bidirectional=bidirectional, proj_size=proj_size)
     lengths = torch.tensor([7, 5, 3, 1]) if enforce_sorted else torch.tensor([3, 7, 1, 5])
-    padded = torch.randn(7, 4, 4)
-    states = 2 * (2 if bidirectional else 1)
-    hx = (torch.randn(states, 4, proj_size or 6), torch.randn(states, 4, 6)) if hx_given else None
-    results = []
-    for module in (reference, fused):
-        x = leaf(padded)
-        hx_i = None if hx is None else tuple(leaf(t) for t in hx)
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
-        output, (h_n, c_n) = module(packed, hx_i)
-        loss = (output.data * torch.linspace(-1, 1, output.data.numel()).view_as(output.data)).sum()
-        loss = loss + (h_n * 2).sum() + (c_n * 3).sum()
-        inputs = [x] + ([] if hx_i is None else list(hx_i)) + list(module.parameters())
-        results.append((output, h_n, c_n, torch.autograd.grad(loss, inputs)))
-    (out_r, h_r, c_r, grads_r), (out_f, h_f, c_f, grads_f) = results
+    padded, h0, c0 = module_inputs(fused, 7, 4, seed=5)
+    hx = (h0, c0) if hx_given else None
+    check_against_nn_lstm(reference, fused, padded, hx, lengths, enforce_sorted)
+    packed = pack_padded_sequence(padded, lengths, enforce_sorted=enforce_sorted)
+    with torch.no_grad():
+        out_r, out_f = reference(packed, hx)[0], fused(packed, hx)[0]
     assert torch.equal(out_f.batch_sizes, out_r.batch_sizes)
     for a, b in ((out_f.sorted_indices, out_r.sorted_indices),
                  (out_f.unsorted_indices, out_r.unsorted_indices)):
         assert (a is None and b is None) or torch.equal(a, b)
-    for actual, expected in [(out_f.data, out_r.data), (h_f, h_r), (c_f, c_r), *zip(grads_f, grads_r)]:
-        torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_empty_batch_and_empty_sequence_like_nn_lstm():
@@ -170,19 +110,6 @@ def test_module_conversions_keep_working():
     output, _ = fused(torch.randn(2, 1, 3, dtype=torch.float64))
     assert output.dtype == torch.float64
     assert "LSTM(3, 4)" in repr(fused)
-
-
-class Tagger(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(10, 4)
-        self.encoder = torch.nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True)
-        self.head = torch.nn.Sequential(torch.nn.Linear(12, 5))
-        self.again = self.encoder  # one module under two names stays one module
-
-    def forward(self, tokens):
-        output, _ = self.encoder(self.embed(tokens))
-        return self.head(output)
 
 
 def test_replace_lstm_in_place():

@@ -9,24 +9,18 @@ import torch
 import lstm_fused
 from lstm_fused import lstm, lstm_reference
 from lstm_fused import ops as lstm_ops
+from lstm_testing import ARG_NAMES, functional_args, make_inputs, poison_memory, run_op
 
 SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ = 6, 4, 5, 7, 3
 
 
 def make_args(dtype=torch.float64, proj=False, bias=True, requires_grad=True,
-              sizes=(SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ)):
+              sizes=(SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ), seed=0):
+    """lstm's (input, hx, weights) of lstm_testing.make_inputs, as leaves."""
     seq_len, batch, input_size, hidden_size, proj_size = sizes
-    output_size = proj_size if proj else hidden_size
-
-    def param(*shape):
-        return (torch.randn(*shape, dtype=dtype) * 0.5).requires_grad_(requires_grad)
-
-    x = param(seq_len, batch, input_size)
-    hx = (param(batch, output_size), param(batch, hidden_size))
-    weights = [param(4 * hidden_size, input_size), param(4 * hidden_size, output_size),
-               param(4 * hidden_size) if bias else None, param(4 * hidden_size) if bias else None,
-               param(output_size, hidden_size) if proj else None]
-    return x, hx, weights
+    inputs = make_inputs(seq_len, batch, input_size, hidden_size, proj_size if proj else 0, bias,
+                         dtype, seed=seed, requires_grad=requires_grad)
+    return functional_args(inputs)
 
 
 LENGTHS = torch.tensor([6, 2, 0, 5])  # a full, a short, an empty and an unsorted sequence
@@ -127,17 +121,19 @@ def test_backward_of_inference_call_raises():
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("proj,lengths", [(False, None), (True, LENGTHS)])
+@pytest.mark.parametrize("proj,lengths", [(False, None), (True, [6, 2, 0, 5])])
 def test_opcheck(training, proj, lengths):
-    x, hx, weights = make_args(dtype=torch.float32, proj=proj, requires_grad=training)
-    args = (x, *hx, *weights, lengths, False, training)
+    inputs = make_inputs(SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ if proj else 0, dtype=torch.float32,
+                         lengths=lengths, requires_grad=training)
+    args = (*[inputs[k] for k in ARG_NAMES], False, training)
     torch.library.opcheck(torch.ops.lstm_fused.forward.default, args)
     if training:
         y, h_n, c_n, gates, cells = torch.ops.lstm_fused.forward(*args)
         grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
-        detached = [t.detach() if t is not None else None for t in (x, *hx, weights[0], weights[1],
-                                                                     weights[4])]
-        backward_args = (*grads, *detached, lengths, y.detach(), gates, cells, True, True)
+        detached = [inputs[k].detach() if inputs[k] is not None else None
+                    for k in ("x", "h0", "c0", "w_ih", "w_hh", "w_hr")]
+        backward_args = (*grads, *detached, inputs["lengths"], y.detach(), gates, cells, True,
+                         True)
         torch.library.opcheck(torch.ops.lstm_fused.backward.default, backward_args)
 
 
@@ -176,8 +172,7 @@ def test_autocast_runs_in_the_autocast_dtype():
 def test_deterministic():
     results = []
     for _ in range(2):
-        torch.manual_seed(3)
-        x, hx, weights = make_args(dtype=torch.float32, proj=True)
+        x, hx, weights = make_args(dtype=torch.float32, proj=True, seed=3)
         output, (h_n, c_n) = lstm(x, hx, *weights, lengths=LENGTHS)
         grads = torch.autograd.grad(output.sum() + h_n.sum() + c_n.sum(), [x, *hx, weights[0]])
         results.append([output, h_n, c_n, *grads])
@@ -186,19 +181,12 @@ def test_deterministic():
 
 
 def test_every_output_element_is_written():
-    # Fill freshly freed memory with NaN: an element the op forgets to write would show it.
-    for _ in range(3):
-        poison = torch.full((1 << 20,), float("nan"))
-        del poison
-        x, hx, weights = make_args(dtype=torch.float32, proj=True)
-        y, h_n, c_n, gates, cells = torch.ops.lstm_fused.forward(x, *hx, *weights, LENGTHS, True, True)
-        for t in (y, h_n, c_n, gates, cells):
-            assert torch.isfinite(t).all()
-        grads = torch.ops.lstm_fused.backward(
-            torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n), x.detach(),
-            hx[0].detach(), hx[1].detach(), weights[0].detach(), weights[1].detach(),
-            weights[4].detach(), LENGTHS, y, gates, cells, False, True)
-        for t in grads:
+    # Freed memory full of NaN: an element the op forgets to write would show it.
+    inputs = make_inputs(SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ, dtype=torch.float32,
+                         lengths=LENGTHS.tolist())
+    for reverse in (False, True, False):
+        outputs, grads, _, saved = run_op(inputs, reverse, before_each=poison_memory)
+        for t in (*outputs, *grads, *saved):
             assert torch.isfinite(t).all()
 
 
@@ -260,10 +248,8 @@ def test_torch_compile_dynamic_shapes_one_graph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_outputs_as_the_fake_kernel_declares(training, dtype):
     """Every output of the CPU op has the shape, dtype and layout the fake kernel declares."""
-    T, B, I, H, P = 3, 2, 4, 5, 3
-    args = [torch.randn(T, B, I), torch.randn(B, P), torch.randn(B, H), torch.randn(4 * H, I),
-            torch.randn(4 * H, P), torch.randn(4 * H), torch.randn(4 * H), torch.randn(P, H)]
-    args = [a.to(dtype) for a in args] + [torch.tensor([3, 1])]
+    inputs = make_inputs(3, 2, 4, 5, 3, dtype=dtype, lengths=[3, 1])
+    args = [inputs[k] for k in ARG_NAMES]
     real = torch.ops.lstm_fused.forward(*args, False, training)
     fake = lstm_ops._forward_fake(*[a.to("meta") for a in args], False, training)
     for r, f in zip(real, fake):
