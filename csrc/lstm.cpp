@@ -2,6 +2,7 @@
 #include "lstm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -162,13 +163,53 @@ BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_g
   return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
+#ifndef LSTM_FUSED_EMULATE_CUDA
+namespace {
+
+bool needs_grad(std::initializer_list<const at::Tensor*> tensors,
+                std::initializer_list<const std::optional<at::Tensor>*> optional_tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t->requires_grad()) return true;
+  }
+  for (const std::optional<at::Tensor>* t : optional_tensors) {
+    if (t->has_value() && (*t)->requires_grad()) return true;
+  }
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lstm_fused::forward", "")
+          .typed<ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                               bool, bool)>();
+  const bool training = needs_grad({&x, &h0, &c0, &w_ih, &w_hh}, {&b_ih, &b_hh, &w_hr});
+  auto [y, h_n, c_n, gates, cells] =
+      forward.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training);
+  return {y, h_n, c_n};
+}
+
+}  // namespace
+#endif
+
 }  // namespace lstm_fused
 
 #ifndef LSTM_FUSED_EMULATE_CUDA  // the emulated CUDA test build registers its own namespace
 TORCH_LIBRARY(lstm_fused, m) {
   m.def(lstm_fused::kForwardSchema);
   m.def(lstm_fused::kBackwardSchema);
+  m.def(lstm_fused::kLayerSchema);
 }
+
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) { m.impl("layer", &lstm_fused::layer); }
 
 // Lets `import lstm_fused._C` load this library; the ops register themselves on load.
 extern "C" PyObject* PyInit__C(void) {

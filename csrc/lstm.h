@@ -73,6 +73,12 @@ constexpr const char* kForwardSchema =
     "forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
     "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool training) "
     "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)";
+// forward's y, h_n and c_n, with training decided when it runs: autograd on and any input needing
+// a gradient. Composite (it calls forward), so a TorchScript trace or script records this op and
+// each replay decides for itself.
+constexpr const char* kLayerSchema =
+    "layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+    "Tensor? w_hr, Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n, Tensor c_n)";
 constexpr const char* kBackwardSchema =
     "backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, "
     "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor y, Tensor gates, "

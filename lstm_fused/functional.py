@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers the ops)
+from . import _onnx, ops  # noqa: F401  (ops registers the ops)
 from ._padding import zero_padded_steps
 
 
@@ -15,10 +15,6 @@ def _autocast(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lstm(
@@ -57,9 +53,14 @@ def lstm(
         h0, c0 = hx
     input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = _autocast(
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    training = _needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    output, h_n, c_n, _, _ = torch.ops.lstm_fused.forward(
-        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse, training)
+    args = (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
+    if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+        # torch.onnx.export(dynamo=True) captures an ONNX LSTM node; a trace (dynamo=False) keeps
+        # the op, which has an ONNX symbolic.
+        output, h_n, c_n = _onnx.lstm_node(*args)
+    else:
+        # The op keeps activations for backward exactly when autograd needs them.
+        output, h_n, c_n = torch.ops.lstm_fused.layer(*args)
     if lengths is not None:
         # The op's y holds the carried state at padded steps; the padded outputs are zeros.
         output = zero_padded_steps(output, lengths)

@@ -1,11 +1,12 @@
 """lstm_fused.LSTM: torch.nn.LSTM's contract, computed by the lstm_fused ops."""
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ._padding import zero_padded_steps
 from .functional import lstm
 
 
@@ -58,12 +59,22 @@ class LSTM(nn.RNNBase):
     def _zero_state(self, input: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
         layers = self.num_layers * (2 if self.bidirectional else 1)
         output_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        options = dict(dtype=input.dtype, device=input.device)
-        return (torch.zeros(layers, batch, output_size, **options),
-                torch.zeros(layers, batch, self.hidden_size, **options))
+        return (torch.zeros(layers, batch, output_size, dtype=input.dtype, device=input.device),
+                torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype, device=input.device))
 
-    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
-        if hx is not None and not (
+    # As nn.LSTM declares it, so that torch.jit.script compiles forward once for each input type.
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None  # noqa: F811
+                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None):  # noqa: F811
+        if not torch.jit.is_scripting() and hx is not None and not (
             isinstance(hx, (tuple, list)) and len(hx) == 2
             and all(isinstance(t, Tensor) for t in hx)
         ):
@@ -103,42 +114,51 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _forward_packed(self, packed: PackedSequence, hx):
+    def _forward_packed(self, packed: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
+                        ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         data, batch_sizes, sorted_indices, unsorted_indices = packed
-        if hx is None:
-            hx = self._zero_state(data, int(batch_sizes[0]))
-        self.check_forward_args(data, hx, batch_sizes)
         # Padded, in the caller's batch order, like hx and h_n.
         padded, lengths = pad_packed_sequence(packed)
+        if hx is None:
+            hx = self._zero_state(padded, padded.size(1))  # a size a traced graph keeps dynamic
+        self.check_forward_args(data, hx, batch_sizes)
         output, h_n, c_n = self._run_layers(padded, hx, lengths.to(padded.device))
         if sorted_indices is not None:
             output = output.index_select(1, sorted_indices)
             lengths = lengths.index_select(0, sorted_indices.cpu())
-        output_data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
-        return PackedSequence(output_data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+        # Equal to packed's batch sizes; taking this packing's own lets a traced graph pair each
+        # packing with its unpacking, as the ONNX exporter needs.
+        repacked = pack_padded_sequence(output, lengths, enforce_sorted=True)
+        return (PackedSequence(repacked.data, repacked.batch_sizes, sorted_indices, unsorted_indices),
+                (h_n, c_n))
 
     def _run_layers(self, sequence: Tensor, hx: Tuple[Tensor, Tensor],
                     lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """sequence: [T, B, I]; hx: ([L*D, B, P], [L*D, B, H]) -> ([T, B, D*P], h_n, c_n)."""
         h0, c0 = hx
         num_directions = 2 if self.bidirectional else 1
-        h_n, c_n = [], []
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
         for layer in range(self.num_layers):
-            outputs = []
+            outputs: List[Tensor] = []
             for direction in range(num_directions):
-                suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
                 index = layer * num_directions + direction
-                output, (h, c) = lstm(
-                    sequence,
-                    (h0[index], c0[index]),
-                    getattr(self, "weight_ih" + suffix),
-                    getattr(self, "weight_hh" + suffix),
-                    getattr(self, "bias_ih" + suffix) if self.bias else None,
-                    getattr(self, "bias_hh" + suffix) if self.bias else None,
-                    getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
-                    reverse=direction == 1,
-                    lengths=lengths,
-                )
+                if torch.jit.is_scripting():
+                    output, h, c = self._scripted_layer(sequence, h0[index], c0[index], index,
+                                                        direction == 1, lengths)
+                else:
+                    suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
+                    output, (h, c) = lstm(
+                        sequence,
+                        (h0[index], c0[index]),
+                        getattr(self, "weight_ih" + suffix),
+                        getattr(self, "weight_hh" + suffix),
+                        getattr(self, "bias_ih" + suffix) if self.bias else None,
+                        getattr(self, "bias_hh" + suffix) if self.bias else None,
+                        getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
+                        reverse=direction == 1,
+                        lengths=lengths,
+                    )
                 outputs.append(output)
                 h_n.append(h)
                 c_n.append(c)
@@ -146,6 +166,21 @@ class LSTM(nn.RNNBase):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 sequence = F.dropout(sequence, self.dropout, training=True)
         return sequence, torch.stack(h_n), torch.stack(c_n)
+
+    def _scripted_layer(self, sequence: Tensor, h0: Tensor, c0: Tensor, index: int, reverse: bool,
+                        lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """What TorchScript runs for one layer and direction: parameters by position (names
+        cannot be built there), in nn.LSTM's order w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
+        count = 2 + 2 * int(self.bias) + int(self.proj_size > 0)
+        weights = self._flat_weights[index * count:(index + 1) * count]
+        b_ih: Optional[Tensor] = weights[2] if self.bias else None
+        b_hh: Optional[Tensor] = weights[3] if self.bias else None
+        w_hr: Optional[Tensor] = weights[-1] if self.proj_size > 0 else None
+        output, h_n, c_n = torch.ops.lstm_fused.layer(sequence, h0, c0, weights[0], weights[1],
+                                                      b_ih, b_hh, w_hr, lengths, reverse)
+        if lengths is not None:
+            output = zero_padded_steps(output, lengths)
+        return output, h_n, c_n
 
 
 def replace_lstm(module: nn.Module) -> nn.Module:
