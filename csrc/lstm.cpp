@@ -3,7 +3,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
@@ -211,9 +210,7 @@ TORCH_LIBRARY(lstm_fused, m) {
 
 TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) { m.impl("layer", &lstm_fused::layer); }
 
-// Lets `import lstm_fused._C` load this library; the ops register themselves on load.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+// The library holds no Python: Python loads it with torch.ops.load_library, as a LibTorch program
+// does with dlopen. This stub only satisfies linkers that expect a Python extension's entry point.
+extern "C" void* PyInit__C(void) { return nullptr; }
 #endif

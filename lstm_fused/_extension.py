@@ -51,10 +51,12 @@ def load() -> None:
     global _loaded
     if _loaded:
         return
-    if importlib.util.find_spec("lstm_fused._C") is not None:
+    built = importlib.util.find_spec("lstm_fused._C")
+    if built is not None:
         try:
-            from . import _C  # noqa: F401  (loading it registers the ops)
-        except ImportError as error:
+            # A plain library (no Python module in it), so that LibTorch programs can load it too.
+            torch.ops.load_library(built.origin)
+        except OSError as error:
             raise ImportError(
                 f"lstm_fused: the compiled extension failed to load ({error}); it was probably built "
                 f"against another PyTorch than this one ({torch.__version__}). Rebuild it with "
