@@ -182,15 +182,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& lengths, bool reverse) {
+  static const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::forward", "");
   static const auto forward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lstm_fused::forward", "")
-          .typed<ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&,
-                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                               bool, bool)>();
+      handle.typed<ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 bool, bool)>();
   const bool training = needs_grad({&x, &h0, &c0, &w_ih, &w_hh}, {&b_ih, &b_hh, &w_hr});
+  if (training && !handle.hasKernelForDispatchKey(c10::DispatchKey::Autograd)) {
+    // forward's autograd formula is registered from Python (lstm_fused/ops.py). Without it, as in
+    // a LibTorch program, the layer runs for inference, below autograd.
+    TORCH_WARN_ONCE(
+        "lstm_fused: no autograd formula is registered for lstm_fused::forward (the Python "
+        "package registers it), so lstm_fused layers run for inference and pass no gradient");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, h_n, c_n, gates, cells] =
+        forward.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, false);
+    return {y, h_n, c_n};
+  }
   auto [y, h_n, c_n, gates, cells] =
       forward.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training);
   return {y, h_n, c_n};
