@@ -219,7 +219,9 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(lstm_fused::kLayerSchema);
 }
 
-TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) { m.impl("layer", &lstm_fused::layer); }
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) {
+  m.impl("layer", &lstm_fused::layer);
+}
 
 // The library holds no Python: Python loads it with torch.ops.load_library, as a LibTorch program
 // does with dlopen. This stub only satisfies linkers that expect a Python extension's entry point.

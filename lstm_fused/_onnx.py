@@ -19,7 +19,7 @@ torch.onnx.export(dynamo=True) captures what lstm_node computes, ATen ops around
 import torch
 
 _ONNX_GATE_ORDER = (0, 3, 1, 2)  # nn.LSTM's gate chunks i, f, g, o in ONNX's order i, o, f, c
-_LEGACY_OPSET = 9  # the legacy exporter's oldest opset; ONNX's LSTM has what we use since 7
+_LEGACY_OPSET = 11  # the oldest opset with every operator used here (Range came in 11)
 
 
 # ---------------------------------------------------------------- torch.onnx.export(dynamo=True)
@@ -43,7 +43,7 @@ def _first_steps(seq_len, reverse, lengths, device):
 
 
 def lstm_node(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    """lstm_fused::layer's results (y, h_n, c_n) from one ONNX LSTM node, for the dynamo exporter."""
+    """lstm_fused::layer's (y, h_n, c_n) from one ONNX LSTM node, for the dynamo exporter."""
     symbolic_multi_out = getattr(getattr(torch.onnx, "ops", None), "symbolic_multi_out", None)
     if symbolic_multi_out is None:
         raise RuntimeError(
@@ -97,11 +97,15 @@ def _omitted(g):
 
 
 def _unsqueeze(g, value, axis):
-    return g.op("Unsqueeze", value, _constant(g, [axis]))
+    if g.opset >= 13:  # axes became an input
+        return g.op("Unsqueeze", value, _constant(g, [axis]))
+    return g.op("Unsqueeze", value, axes_i=[axis])
 
 
 def _squeeze(g, value, axis):
-    return g.op("Squeeze", value, _constant(g, [axis]))
+    if g.opset >= 13:
+        return g.op("Squeeze", value, _constant(g, [axis]))
+    return g.op("Squeeze", value, axes_i=[axis])
 
 
 def _onnx_gates_symbolic(g, weight, hidden_size):

@@ -59,8 +59,9 @@ class LSTM(nn.RNNBase):
     def _zero_state(self, input: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
         layers = self.num_layers * (2 if self.bidirectional else 1)
         output_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        return (torch.zeros(layers, batch, output_size, dtype=input.dtype, device=input.device),
-                torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype, device=input.device))
+        dtype, device = input.dtype, input.device
+        return (torch.zeros(layers, batch, output_size, dtype=dtype, device=device),
+                torch.zeros(layers, batch, self.hidden_size, dtype=dtype, device=device))
 
     # As nn.LSTM declares it, so that torch.jit.script compiles forward once for each input type.
     @torch._jit_internal._overload_method
@@ -69,8 +70,9 @@ class LSTM(nn.RNNBase):
         pass
 
     @torch._jit_internal._overload_method
-    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None  # noqa: F811
-                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+    def forward(  # noqa: F811
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         pass
 
     def forward(self, input, hx=None):  # noqa: F811
@@ -129,8 +131,9 @@ class LSTM(nn.RNNBase):
         # Equal to packed's batch sizes; taking this packing's own lets a traced graph pair each
         # packing with its unpacking, as the ONNX exporter needs.
         repacked = pack_padded_sequence(output, lengths, enforce_sorted=True)
-        return (PackedSequence(repacked.data, repacked.batch_sizes, sorted_indices, unsorted_indices),
-                (h_n, c_n))
+        output = PackedSequence(repacked.data, repacked.batch_sizes, sorted_indices,
+                                unsorted_indices)
+        return output, (h_n, c_n)
 
     def _run_layers(self, sequence: Tensor, hx: Tuple[Tensor, Tensor],
                     lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:

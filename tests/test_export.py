@@ -23,6 +23,7 @@ from torch.export import Dim
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
+from lstm_fused._padding import zero_padded_steps
 from lstm_testing import assert_close_to, float64_copy, module_inputs, upstream
 
 pytestmark = [
@@ -192,6 +193,42 @@ def skip_unless_exporter(dynamo):
     export_onnx_kwargs(dynamo)
 
 
+# ----------------------------------------------------------------------------------- the layer op
+
+def layer_args(requires_grad, lengths=None):
+    generator = torch.Generator().manual_seed(0)
+    x, h0, c0 = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                 for shape in ((5, 3, INPUT), (3, HIDDEN), (3, HIDDEN)))
+    w_ih, w_hh, b_ih = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                        .requires_grad_(requires_grad)
+                        for shape in ((4 * HIDDEN, INPUT), (4 * HIDDEN, HIDDEN), (4 * HIDDEN,)))
+    return (x, h0, c0, w_ih, w_hh, b_ih, None, None, lengths, True)
+
+
+def test_layer_op_keeps_activations_only_for_autograd():
+    """lstm_fused::layer (what TorchScript records) gives forward's results, with a graph for
+    backward exactly when autograd is on and an input needs a gradient."""
+    args = layer_args(requires_grad=True, lengths=torch.tensor([5, 2, 0]))
+    torch.library.opcheck(torch.ops.lstm_fused.layer.default, args)
+    expected = torch.ops.lstm_fused.forward(*[a.detach() if isinstance(a, Tensor) else a
+                                              for a in args], False)[:3]
+    with torch.no_grad():
+        results = torch.ops.lstm_fused.layer(*args)
+    assert all(r.grad_fn is None for r in results)
+    for result, expected_result in zip(results, expected):
+        torch.testing.assert_close(result, expected_result, atol=0, rtol=0)
+    assert all(r.grad_fn is None for r in torch.ops.lstm_fused.layer(*layer_args(False)))
+    y, h_n, c_n = torch.ops.lstm_fused.layer(*args)
+    y = zero_padded_steps(y, args[8])  # as lstm_fused.lstm returns it
+    grads = torch.autograd.grad((y.sum() + h_n.sum() + c_n.sum()), args[3:6])
+    x, h0, c0, w_ih, w_hh, b_ih = (a.detach().requires_grad_() for a in args[:6])
+    y, (h_n, c_n) = lstm_fused.lstm_reference(x, (h0, c0), w_ih, w_hh, b_ih, reverse=True,
+                                              lengths=args[8])
+    expected_grads = torch.autograd.grad((y.sum() + h_n.sum() + c_n.sum()), (w_ih, w_hh, b_ih))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-8)
+
+
 # ------------------------------------------------------------------------------------------- ONNX
 
 class FunctionalLengths(torch.nn.Module):
@@ -237,6 +274,7 @@ def onnx_inputs(case, T, B):
 
 
 ONNX_CASES = [("legacy", case) for case in [*CASES, "packed", "functional_lengths"]] + [
+    ("legacy_opset11", "layers2_bidirectional_proj_batch_first"), ("legacy_opset11", "packed")] + [
     ("dynamo", case) for case in [*CASES, "functional_lengths"]]
 
 
@@ -262,6 +300,8 @@ def export_onnx(exporter, case, path):
                 for name, spec in zip(names, shapes) if spec is not None}
     inputs = onnx_inputs(case, *EXPORT_SHAPE)
     options = dict(input_names=names, **export_onnx_kwargs(dynamo))
+    if exporter == "legacy_opset11":  # the oldest opset the translation supports
+        options.update(opset_version=11)
     if dynamo:
         options.update(dynamic_shapes=shapes, verbose=False)
     else:
