@@ -75,7 +75,8 @@ constexpr const char* kForwardSchema =
     "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)";
 // forward's y, h_n and c_n, with training decided when it runs: autograd on and any input needing
 // a gradient. Composite (it calls forward), so a TorchScript trace or script records this op and
-// each replay decides for itself.
+// each replay decides for itself. Where forward has no autograd formula (it is registered from
+// Python), as in a LibTorch program, it runs below autograd, for inference.
 constexpr const char* kLayerSchema =
     "layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
     "Tensor? w_hr, Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n, Tensor c_n)";
