@@ -50,6 +50,12 @@ LstmSizes check_forward_args(const at::Tensor& x, const at::Tensor& h0, const at
     s.output_size = w_hr->size(0);
     check_like_x(x, *w_hr, "w_hr");
   }
+  TORCH_CHECK(s.batch <= kMaxIndexedSize && 4 * s.hidden_size <= kMaxIndexedSize &&
+                  s.output_size <= kMaxIndexedSize && s.input_size <= kMaxIndexedSize,
+              "lstm_fused: batch (", s.batch, "), 4 * hidden_size (", 4 * s.hidden_size,
+              "), the output size (", s.output_size, ") and input_size (", s.input_size,
+              ") must each be at most ", kMaxIndexedSize,
+              ": the kernels index rows and columns with 32-bit integers");
   check_shape(w_hh, {4 * s.hidden_size, s.output_size}, "w_hh");
   check_shape(h0, {s.batch, s.output_size}, "h0");
   check_shape(c0, {s.batch, s.hidden_size}, "c0");

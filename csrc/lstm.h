@@ -3,10 +3,22 @@
 // Shapes (time-major; T steps, B sequences, I inputs, H hidden units, P = proj_size or H):
 //   x: [T, B, I]   h0: [B, P]   c0: [B, H]
 //   w_ih: [4H, I]  w_hh: [4H, P]  b_ih, b_hh: [4H] (optional)  w_hr: [P, H] (optional)
-//   lengths: [B] int64 (optional): sequence b runs steps t < lengths[b]; padded steps carry the state
+//   lengths: [B] int64 (optional): sequence b runs steps t < lengths[b] (with reverse, from
+//            lengths[b] - 1 down to 0)
 //   y: [T, B, P]   h_n: [B, P]   c_n: [B, H]
 //   gates: [T, B, 4H] activated gates i, f, g, o   cells: [T, B, H] cell states c_t
 //   (gates and cells are returned only when training; else they are empty)
+//
+// Padded steps (t >= lengths[b]), on every device: sequence b carries its state through them
+// unchanged, so y[t, b] holds the carried h and cells[t, b] the carried c (h_n, c_n are the state
+// after its last real step, or h0, c0 for an empty one); gates[t, b] is unspecified and never
+// read. backward reads y and cells there as the state a later step started from, and passes the
+// gradient of a padded step straight through (dL/dh_{t-1} = grad_y[t] + dL/dh_t). The caller
+// masks the outputs: lstm_fused.lstm returns zeros at padded steps (lstm_fused/_padding.py), as
+// torch.nn.LSTM does, so its grad_y is zero there.
+//
+// Sizes: batch, 4 * hidden_size, P and input_size are at most kMaxIndexedSize, as the
+// kernels index rows and columns with 32-bit integers (element offsets are 64-bit).
 //
 // Gate order and math are torch.nn.LSTM's:
 //   i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of (x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)
@@ -19,6 +31,8 @@
 #include <tuple>
 
 namespace lstm_fused {
+
+constexpr int64_t kMaxIndexedSize = (int64_t{1} << 31) / 4 - 1;
 
 struct LstmSizes {
   int64_t seq_len;      // T

@@ -2,11 +2,14 @@
 
 The ops themselves are defined in C++ (csrc/lstm.cpp); their shapes are documented there and in
 functional.lstm. The backward is an op of its own, so autograd, torch.compile and opcheck all see
-ordinary ops.
+ordinary ops. First derivatives are the fused backward op; second derivatives (create_graph=True,
+then a backward through the gradient) differentiate the backward op's formula written in plain
+PyTorch operations (reference.backward_reference), a step-by-step pass that only they pay for.
 """
 import torch
 
 from . import _extension
+from .reference import backward_reference
 
 _extension.load()
 
@@ -68,6 +71,22 @@ def _backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, leng
             grad_bias, grad_w_hr)
 
 
+def _backward_formula(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, y,
+                      gates, cells, reverse, has_bias, grad_gates=None, grad_cells=None):
+    """The backward op's math in differentiable PyTorch operations (reference.backward_reference),
+    computed as the op computes it: half types in float32, the saved activations' dtype."""
+    dtype = gates.dtype
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    results = backward_reference(
+        cast(grad_y), cast(grad_h_n), cast(grad_c_n), cast(x), cast(h0), cast(c0), cast(w_ih),
+        cast(w_hh), cast(w_hr), lengths, cast(y), gates, cells, reverse, has_bias,
+        cast(grad_gates), cast(grad_cells))
+    return tuple(r.to(x.dtype) for r in results)
+
+
 def _forward_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training = inputs
     y, _, _, gates, cells = output
@@ -75,12 +94,11 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.training = training
     ctx.bias_given = (b_ih is not None, b_hh is not None)
-    ctx.mark_non_differentiable(gates, cells)
     # Unused outputs get None, not zero-filled gradients (gates alone is [T, B, 4H]).
     ctx.set_materialize_grads(False)
 
 
-def _forward_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+def _forward_backward(ctx, grad_y, grad_h_n, grad_c_n, grad_gates, grad_cells):
     if not ctx.training:
         raise RuntimeError(
             "lstm_fused: backward through lstm_fused::forward called with training=False, which "
@@ -91,9 +109,15 @@ def _forward_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     has_bias = any(ctx.bias_given)
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
-        torch.ops.lstm_fused.backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
-                                      lengths, y, gates, cells, ctx.reverse, has_bias))
+    args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates, cells,
+            ctx.reverse, has_bias)
+    if grad_gates is None and grad_cells is None:
+        grads = torch.ops.lstm_fused.backward(*args)
+    else:
+        # Gradients reach the saved activations only from the backward op's own derivative
+        # (second derivatives): its formula in differentiable operations takes them.
+        grads = _backward_formula(*args, grad_gates, grad_cells)
+    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
     grad_b_ih = grad_bias if ctx.bias_given[0] else None
     grad_b_hh = grad_bias if ctx.bias_given[1] else None
     grad_w_hr = grad_w_hr if w_hr is not None else None
@@ -104,17 +128,42 @@ def _forward_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells)
 torch.library.register_autograd(
     "lstm_fused::forward", _forward_backward, setup_context=_forward_setup_context)
 
+# The backward op's arguments: which are tensors that gradients can flow to (not lengths).
+_BACKWARD_TENSORS = 13
+_LENGTHS_ARGUMENT = 9
+
 
 def _backward_setup_context(ctx, inputs, output):
-    pass
+    ctx.save_for_backward(*inputs[:_BACKWARD_TENSORS])
+    ctx.reverse, ctx.has_bias = inputs[_BACKWARD_TENSORS:]
+    ctx.set_materialize_grads(False)
 
 
-def _double_backward(ctx, *grads):
-    raise RuntimeError(
-        "lstm_fused: double backward (gradients of gradients) is not supported; use torch.nn.LSTM "
-        "or lstm_fused.lstm_reference where second derivatives are needed")
+def _backward_backward(ctx, *grad_grads):
+    """Second derivatives: the derivative of the backward op's formula, differentiable itself
+    when a graph of it is requested."""
+    saved = list(ctx.saved_tensors)
+    create_graph = torch.is_grad_enabled()
+    differentiable = [k for k, t in enumerate(saved)
+                      if t is not None and k != _LENGTHS_ARGUMENT and t.is_floating_point()]
+    with torch.enable_grad():
+        leaves = list(saved)
+        for k in differentiable:
+            if not (create_graph and saved[k].requires_grad):
+                leaves[k] = saved[k].detach().requires_grad_()
+        results = _backward_formula(*leaves, ctx.reverse, ctx.has_bias)
+        pairs = [(r, g) for r, g in zip(results, grad_grads)
+                 if g is not None and r.numel() > 0 and r.requires_grad]
+        grads = [None] * len(differentiable)
+        if pairs:
+            grads = torch.autograd.grad([r for r, _ in pairs], [leaves[k] for k in differentiable],
+                                        [g for _, g in pairs], allow_unused=True,
+                                        create_graph=create_graph)
+    result = [None] * (_BACKWARD_TENSORS + 2)
+    for k, grad in zip(differentiable, grads):
+        result[k] = grad
+    return tuple(result)
 
 
-# Differentiating the backward op raises a clear error instead of silently giving zeros.
 torch.library.register_autograd(
-    "lstm_fused::backward", _double_backward, setup_context=_backward_setup_context)
+    "lstm_fused::backward", _backward_backward, setup_context=_backward_setup_context)

@@ -105,14 +105,6 @@ def test_force_path_validates_and_restores(monkeypatch):
         lstm(x, hx, *weights)
 
 
-def test_double_backward_raises_a_clear_error():
-    x, hx, weights = make_args()
-    output, _ = lstm(x, hx, *weights)
-    (grad_x,) = torch.autograd.grad(output.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad_x.sum().backward()
-
-
 def test_backward_of_inference_call_raises():
     x, hx, weights = make_args()
     outputs = torch.ops.lstm_fused.forward(x, *hx, *weights, None, False, False)
