@@ -259,8 +259,9 @@ def op_reference(inputs, reverse, upstream_grads) -> Tuple[tuple, Dict[str, torc
         leaves["x"], (leaves["h0"], leaves["c0"]), leaves["w_ih"], leaves["w_hh"], leaves["b_ih"],
         leaves["b_hh"], leaves["w_hr"], reverse=reverse, lengths=leaves["lengths"])
     names = [n for n in OP_GRAD_NAMES if leaves[n] is not None]
-    grads = torch.autograd.grad((y, h_n, c_n), [leaves[n] for n in names],
-                                [g.double() for g in upstream_grads], allow_unused=True)
+    pairs = [(t, g.double()) for t, g in zip((y, h_n, c_n), upstream_grads) if t.requires_grad]
+    grads = torch.autograd.grad([t for t, _ in pairs], [leaves[n] for n in names],
+                                [g for _, g in pairs], allow_unused=True)
     grads = [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)]
     return (y.detach(), h_n.detach(), c_n.detach()), dict(zip(names, grads))
 
