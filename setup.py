@@ -10,6 +10,7 @@ Environment variables:
                             the visible GPUs, else "7.5;8.0;9.0+PTX")
 """
 import glob
+import importlib.util
 import os
 import sys
 
@@ -28,16 +29,32 @@ except ImportError as error:  # pragma: no cover - only without torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def load_cuda_build():
+    """lstm_fused/_cuda_build.py on its own (importing the package would load the extension)."""
+    spec = importlib.util.spec_from_file_location(
+        "lstm_fused_cuda_build", os.path.join(ROOT, "lstm_fused", "_cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_build = load_cuda_build()
+
+
 def use_cuda() -> bool:
     forced = os.environ.get("LSTM_FUSED_CUDA")
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if forced == "1":
         if not available:
             raise SystemExit("LSTM_FUSED_CUDA=1 but torch has no CUDA or nvcc was not found")
-        return True
-    if forced == "0":
+    elif forced == "0" or not available:
         return False
-    return available
+    # Fail here, with both versions named, rather than deep inside torch's build helper.
+    mismatch = cuda_build.cuda_mismatch(torch.version.cuda, CUDA_HOME)
+    if mismatch:
+        raise SystemExit(f"lstm_fused: {mismatch}, e.g. "
+                         "`LSTM_FUSED_CUDA=0 pip install --no-build-isolation .`")
+    return True
 
 
 def sources(*patterns):
@@ -60,14 +77,9 @@ if sys.platform.startswith("linux"):
     link_flags.append("-fopenmp")
 cuda = use_cuda() and bool(sources("cuda/*.cu"))
 if cuda:
-    archs = os.environ.get("LSTM_FUSED_CUDA_ARCHS")
+    archs = cuda_build.arch_list(os.environ.get("LSTM_FUSED_CUDA_ARCHS"), torch.cuda.is_available())
     if archs:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
-            f"{a[:-1]}.{a[-1]}" if "." not in a else a for a in archs.replace(",", ";").split(";") if a
-        )
-    elif "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        # Turing (the scalar tiles only), Ampere, Hopper, and PTX for newer GPUs to JIT-compile.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;8.0;9.0+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     extension = CUDAExtension(
         "lstm_fused._C",
         sources("*.cpp", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"),

@@ -11,9 +11,8 @@ from ._padding import zero_padded_steps
 def _autocast(*tensors):
     """Under autocast for the input's device, the op runs in the autocast dtype, as nn.LSTM does."""
     device_type = tensors[0].device.type
-    # Devices without autocast (meta) cannot even be asked whether it is on.
-    if not (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    # Meta tensors have no autocast to ask about (the question raises).
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -20,10 +20,21 @@ class LSTM(nn.RNNBase):
     compiles under torch.compile(fullgraph=True) without a graph break.
     """
 
-    # nn.LSTM's own input checks and error messages.
-    check_forward_args = nn.LSTM.check_forward_args
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     permute_hidden = nn.LSTM.permute_hidden
+
+    def check_forward_args(self, input: Tensor, hidden: Tuple[Tensor, Tensor],
+                           batch_sizes: Optional[Tensor]) -> None:
+        """nn.LSTM.check_forward_args: nn.LSTM's own checks and messages. Called as functions, not
+        methods: torch.compile before PyTorch 2.5 cannot trace a torch.nn method called with
+        non-tensor arguments."""
+        nn.RNNBase.check_input(self, input, batch_sizes)
+        nn.RNNBase.check_hidden_size(
+            self, hidden[0], nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes),
+            "Expected hidden[0] size {}, got {}")
+        nn.RNNBase.check_hidden_size(
+            self, hidden[1], nn.LSTM.get_expected_cell_size(self, input, batch_sizes),
+            "Expected hidden[1] size {}, got {}")
 
     def __init__(
         self,
