@@ -28,13 +28,20 @@ class LSTM(nn.RNNBase):
         """nn.LSTM.check_forward_args: nn.LSTM's own checks and messages. Called as functions, not
         methods: torch.compile before PyTorch 2.5 cannot trace a torch.nn method called with
         non-tensor arguments."""
-        nn.RNNBase.check_input(self, input, batch_sizes)
-        nn.RNNBase.check_hidden_size(
-            self, hidden[0], nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes),
-            "Expected hidden[0] size {}, got {}")
-        nn.RNNBase.check_hidden_size(
-            self, hidden[1], nn.LSTM.get_expected_cell_size(self, input, batch_sizes),
-            "Expected hidden[1] size {}, got {}")
+        if torch.jit.is_scripting():  # TorchScript compiles methods, not class attributes
+            self.check_input(input, batch_sizes)
+            self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                                   "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                                   "Expected hidden[1] size {}, got {}")
+        else:
+            nn.RNNBase.check_input(self, input, batch_sizes)
+            nn.RNNBase.check_hidden_size(
+                self, hidden[0], nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes),
+                "Expected hidden[0] size {}, got {}")
+            nn.RNNBase.check_hidden_size(
+                self, hidden[1], nn.LSTM.get_expected_cell_size(self, input, batch_sizes),
+                "Expected hidden[1] size {}, got {}")
 
     def __init__(
         self,
