@@ -43,6 +43,15 @@ MISUSES = {
     "bad-ldm": ["nvcuda::wmma::load_matrix_sync", "ldm 36 is not a multiple of 8"],
     "bad-ldm-float": ["nvcuda::wmma::load_matrix_sync", "ldm 18 is not a multiple of 4"],
     "partial-warp": ["nvcuda::wmma::fill_fragment in thread (32, 0, 0)", "partial warp"],
+    # Cooperative launches: a grid barrier that not every block reaches hangs a GPU.
+    "grid-barrier-missed": ["deadlock at a grid barrier", "3 of 4 blocks wait at grid barrier 2",
+                            "the first: block (1, 0, 0)"],
+    "grid-barrier-extra": ["deadlock at a grid barrier", "1 of 4 blocks wait at grid barrier 2"],
+    "grid-barrier-mismatched": ["mismatched barriers in block (0, 0, 0)",
+                                "16 wait at a grid barrier, 16 at __syncthreads()"],
+    "grid-barrier-divergent": ["mismatched barriers in block (0, 0, 0)", "16 have returned"],
+    "grid-barrier-outside": ["a grid barrier", "outside a kernel launched with",
+                             "launch_cooperative"],
 }
 
 

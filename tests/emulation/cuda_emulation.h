@@ -6,12 +6,18 @@
 // block are cooperative fibers that switch only at __syncthreads() and when a thread returns.
 // Kernels are launched with
 //     cuda_emulation::launch(kernel, grid, block, shared_bytes, stream, args...);
-// instead of kernel<<<grid, block, shared_bytes, stream>>>(args...).
+// instead of kernel<<<grid, block, shared_bytes, stream>>>(args...). A cooperative launch
+// (cudaLaunchCooperativeKernel) is
+//     cuda_emulation::launch_cooperative(kernel, grid, block, shared_bytes, stream, args...);
+// there every thread of every block is a fiber at once, and a grid barrier
+// (cooperative_groups::this_grid().sync()) switches through all of them (see "Cooperative
+// launches" at the end, with the emulated device and runtime queries that go with it).
 //
 // Limitations:
 //  - Linux/glibc only (ucontext + setjmp); x86-64 with g++ or clang.
-//  - No dynamic shared memory (shared_bytes must be 0), no warp intrinsics, no atomics, no streams
-//    (a launch is synchronous; the stream argument is ignored).
+//  - Dynamic shared memory only in cooperative launches (elsewhere shared_bytes must be 0); no
+//    warp intrinsics, no atomics, no streams (a launch is synchronous; the stream argument is
+//    ignored).
 //  - Of the warp matrix functions (nvcuda::wmma, <mma.h>) only a subset, described at its
 //    definition below; each thread computes the whole warp's operation by itself.
 //  - Exceptions must not escape a kernel: one that does calls std::terminate.
@@ -34,6 +40,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstddef>
@@ -87,6 +94,8 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotSupported = 801,
 };
 
 // ---- Half types -------------------------------------------------------------------------------
@@ -131,8 +140,10 @@ struct Scheduler {
   unsigned count = 0;        // threads per block
   unsigned position = 0;     // how many threads have run in the current pass between barriers
   unsigned exited = 0;       // threads that returned during the current pass
+  unsigned at_grid = 0;      // threads that reached a grid barrier during the current pass
   bool descending = false;   // pass order of the current block
   bool in_launch = false;
+  bool cooperative = false;  // a cooperative launch: every block's threads are fibers at once
   Fiber* current = nullptr;  // the running fiber; null in the launching context
   Fiber* creating = nullptr;
   void (*body)(void*) = nullptr;
@@ -178,11 +189,16 @@ inline Fiber* fiber_at(const Scheduler& s, unsigned position) noexcept {
   return s.fibers[s.descending ? s.count - 1 - position : position];
 }
 
-// The fiber to run after the current one reaches a barrier or returns; null when the block is done.
+// A cooperative launch's scheduler decides at the end of each pass (see "Cooperative launches").
+inline Fiber* cooperative_pass_end() noexcept;
+
+// The fiber to run after the current one reaches a barrier or returns; null when the block is done
+// (the grid, in a cooperative launch).
 inline Fiber* advance(bool exited) noexcept {
   Scheduler& s = t_scheduler;
   s.exited += exited ? 1u : 0u;
   if (++s.position < s.count) return fiber_at(s, s.position);
+  if (s.cooperative) return cooperative_pass_end();
   if (s.exited == s.count) return nullptr;
   if (s.exited != 0) {
     std::fprintf(stderr,
@@ -310,6 +326,7 @@ __attribute__((__noinline__)) inline void barrier() {
   Fiber* const self = s.current;
   if (self == nullptr) fatal("__syncthreads() called outside a kernel run by cuda_emulation::launch");
   Fiber* const next = advance(false);
+  if (next == nullptr) fatal("a barrier ended the launch");  // unreachable: waiting threads remain
   if (next != self && _setjmp(self->context) == 0) jump_to(next);
 }
 
@@ -379,6 +396,8 @@ inline const char* cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
+    case cudaErrorNotSupported: return "operation not supported";
   }
   return "unrecognized error code";
 }
@@ -687,3 +706,400 @@ inline void mma_sync(fragment<accumulator, m, n, k, float>& d,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- Cooperative launches ---------------------------------------------------------------------
+// cuda_emulation::launch_cooperative(kernel, grid, block, shared_bytes, stream, args...) stands for
+// cudaLaunchCooperativeKernel. Every thread of every block is a fiber at once; the blocks take
+// turns between grid barriers. A block runs (its threads switching at __syncthreads() as in an
+// ordinary launch) until all of its threads wait at cooperative_groups::this_grid().sync() or have
+// returned; then the next block runs. When every block that has not returned waits, the barrier
+// opens. Blocks run in ascending order between one pair of grid barriers and in descending order
+// between the next, so that code which reads in one phase what another block writes in the same
+// phase sees the write in one phase and not in the next.
+//
+// Checked, each with a message and std::abort(): a grid barrier that some blocks wait at and
+// others have returned without reaching (a deadlock on a GPU), threads of one block waiting at a
+// grid barrier and at __syncthreads() at once, and threads that return while others of their
+// block wait at a grid barrier. Grid barriers that are reached the same number of times from
+// different call sites are not told apart.
+//
+// Shared memory: each block gets its own dynamic shared memory (dynamic_shared_memory(), for
+// `extern __shared__`), filled with 0xFF bytes (a NaN in every floating-point type) before the
+// kernel starts, so that reading what was never written shows. Static __shared__ variables are
+// one per OS thread, so all blocks share them: a cooperative kernel may use them only for data
+// that does not live across a grid barrier.
+//
+// The emulated device (device_model()) answers cudaDeviceGetAttribute,
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor, cudaFuncSetAttribute, cudaStreamIsCapturing and
+// the version queries, and the cooperative launch checks its limits as CUDA does: more blocks than
+// fit on the device at once is cudaErrorCooperativeLaunchTooLarge; dynamic shared memory above
+// 48 KiB needs cudaFuncAttributeMaxDynamicSharedMemorySize first. Tests change the model to
+// emulate smaller devices, a device without cooperative launches, a limit on co-resident blocks
+// below what occupancy promises (as an MPS client's limit on multiprocessors gives), or a stream
+// being captured into a CUDA graph.
+
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrCooperativeLaunch = 95,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
+
+namespace cuda_emulation {
+
+// What the emulated device reports. The defaults are an H100's or H200's limits on a small GPU of
+// eight multiprocessors (emulated grids stay small).
+struct DeviceModel {
+  int multiprocessors = 8;
+  int shared_bytes_per_block_optin = 227 * 1024;
+  int shared_bytes_per_multiprocessor = 228 * 1024;
+  int shared_bytes_reserved_per_block = 1024;  // the runtime's own share of each block's memory
+  int max_threads_per_multiprocessor = 2048;
+  int max_blocks_per_multiprocessor = 32;
+  int compute_capability_major = 9;
+  bool cooperative_launch = true;
+  int coresident_block_limit = 0;  // > 0: cooperative launches of more blocks fail
+  bool capturing = false;          // cudaStreamIsCapturing reports an active capture
+  int runtime_version = 13000;     // cudaRuntimeGetVersion, as 1000 * major + 10 * minor
+  int driver_version = 13000;      // cudaDriverGetVersion
+};
+
+inline DeviceModel& device_model() {
+  static DeviceModel model;
+  return model;
+}
+
+namespace detail {
+
+constexpr std::size_t kStaticSharedLimit = 48 * 1024;  // dynamic shared memory without opt-in
+
+struct FunctionAttributes {
+  const void* function;
+  int max_dynamic_shared_bytes;
+};
+
+inline std::vector<FunctionAttributes>& function_attributes() {
+  static std::vector<FunctionAttributes> attributes;
+  return attributes;
+}
+
+inline std::size_t max_dynamic_shared_bytes(const void* function) {
+  for (const FunctionAttributes& a : function_attributes())
+    if (a.function == function) return static_cast<std::size_t>(a.max_dynamic_shared_bytes);
+  return kStaticSharedLimit;
+}
+
+inline int occupancy(const void* function, int block_threads, std::size_t shared_bytes) {
+  const DeviceModel& m = device_model();
+  if (block_threads <= 0 || block_threads > 1024) return 0;
+  if (shared_bytes > max_dynamic_shared_bytes(function)) return 0;
+  int blocks = m.max_blocks_per_multiprocessor;
+  blocks = std::min(blocks, m.max_threads_per_multiprocessor / block_threads);
+  const std::size_t per_block = shared_bytes + static_cast<std::size_t>(m.shared_bytes_reserved_per_block);
+  blocks = std::min<long long>(blocks, static_cast<long long>(m.shared_bytes_per_multiprocessor / per_block));
+  return blocks;
+}
+
+// The grid of a cooperative launch. The running block's pass state is the Scheduler's.
+struct Grid {
+  Fiber** fibers = nullptr;  // block b's threads are fibers[b * threads, (b + 1) * threads)
+  unsigned blocks = 0;
+  unsigned threads = 0;      // per block
+  dim3 shape{1, 1, 1};
+  std::vector<unsigned char> state;  // per block: kRunnable, kWaiting, kReturned
+  unsigned turn = 0;         // how many blocks have had their turn in the current phase
+  unsigned current = 0;      // the running block
+  unsigned waiting = 0;      // blocks waiting at the grid barrier
+  unsigned returned = 0;     // blocks whose threads have all returned
+  unsigned phase = 0;        // grid barriers opened so far
+  std::vector<unsigned char> shared;  // dynamic shared memory, shared_stride bytes per block
+  std::size_t shared_stride = 0;
+};
+enum : unsigned char { kRunnable = 0, kWaiting = 1, kReturned = 2 };
+
+inline thread_local Grid t_grid;
+inline thread_local unsigned char* t_dynamic_shared = nullptr;
+
+inline dim3 block_index_of(const Grid& g, unsigned b) {
+  return dim3(b % g.shape.x, b / g.shape.x % g.shape.y, b / (g.shape.x * g.shape.y));
+}
+
+// Makes block b the running one, at the start of a pass; returns its first fiber.
+inline Fiber* enter_block(unsigned b) noexcept {
+  Scheduler& s = t_scheduler;
+  Grid& g = t_grid;
+  g.current = b;
+  s.fibers = g.fibers + static_cast<std::size_t>(b) * g.threads;
+  s.count = g.threads;
+  s.position = 0;
+  s.exited = 0;
+  s.at_grid = 0;
+  // Alternate blocks run their threads in reverse, as in ordinary launches.
+  s.descending = ((b ^ g.phase) & 1u) != 0;
+  t_block_idx = block_index_of(g, b);
+  t_dynamic_shared = g.shared.empty() ? nullptr : g.shared.data() + b * g.shared_stride;
+  return fiber_at(s, 0);
+}
+
+[[noreturn]] __attribute__((__format__(__printf__, 1, 2))) inline void grid_fatal(
+    const char* format, ...) noexcept {
+  std::fprintf(stderr, "cuda_emulation: ");
+  va_list arguments;
+  va_start(arguments, format);
+  std::vfprintf(stderr, format, arguments);
+  va_end(arguments);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::abort();
+}
+
+// The next block to run: the next runnable one of this phase, else (every block that has not
+// returned waits) the first of the next phase; null when every block has returned.
+inline Fiber* next_block() noexcept {
+  Grid& g = t_grid;
+  while (++g.turn < g.blocks) {
+    const unsigned b = (g.phase & 1u) ? g.blocks - 1 - g.turn : g.turn;
+    if (g.state[b] == kRunnable) return enter_block(b);
+  }
+  if (g.waiting == 0) return nullptr;
+  if (g.returned != 0) {
+    unsigned first_returned = 0;
+    while (g.state[first_returned] != kReturned) ++first_returned;
+    const dim3 r = block_index_of(g, first_returned);
+    grid_fatal("deadlock at a grid barrier (cooperative_groups grid sync) in a (%u, %u, %u) grid: "
+               "%u of %u blocks wait at grid barrier %u, which the other %u (the first: block "
+               "(%u, %u, %u)) returned without reaching; a barrier missed by some blocks hangs the "
+               "GPU", g.shape.x, g.shape.y, g.shape.z, g.waiting, g.blocks, g.phase + 1,
+               g.returned, r.x, r.y, r.z);
+  }
+  ++g.phase;
+  g.waiting = 0;
+  for (unsigned char& st : g.state) st = kRunnable;
+  g.turn = 0;
+  return enter_block((g.phase & 1u) ? g.blocks - 1 : 0);
+}
+
+inline Fiber* cooperative_pass_end() noexcept {
+  Scheduler& s = t_scheduler;
+  Grid& g = t_grid;
+  const unsigned at_block_barrier = s.count - s.exited - s.at_grid;
+  if (at_block_barrier == s.count) {  // a __syncthreads(): the block's next pass
+    s.position = 0;
+    return fiber_at(s, 0);
+  }
+  if (s.exited == s.count) {
+    g.state[g.current] = kReturned;
+    ++g.returned;
+    return next_block();
+  }
+  if (s.at_grid == s.count) {
+    g.state[g.current] = kWaiting;
+    ++g.waiting;
+    return next_block();
+  }
+  grid_fatal("mismatched barriers in block (%u, %u, %u) of a (%u, %u, %u) cooperative grid: of "
+             "its %u threads, %u wait at a grid barrier, %u at __syncthreads() and %u have "
+             "returned (undefined behaviour in CUDA; a hang on a GPU)",
+             t_block_idx.x, t_block_idx.y, t_block_idx.z, g.shape.x, g.shape.y, g.shape.z,
+             s.count, s.at_grid, at_block_barrier, s.exited);
+}
+
+// Waits at the grid barrier: switches to the next fiber of the grid, returns when the barrier
+// opens.
+__attribute__((__noinline__)) inline void grid_barrier() {
+  Scheduler& s = t_scheduler;
+  Fiber* const self = s.current;
+  if (self == nullptr || !s.cooperative)
+    fatal("a grid barrier (cooperative_groups::this_grid().sync()) outside a kernel launched "
+          "with cuda_emulation::launch_cooperative (cudaLaunchCooperativeKernel)");
+  ++s.at_grid;
+  Fiber* const next = advance(false);
+  if (next == nullptr) fatal("a grid barrier ended the launch");  // unreachable: self waits
+  if (next != self && _setjmp(self->context) == 0) jump_to(next);
+}
+
+__attribute__((__noinline__)) inline void run_cooperative_grid(dim3 grid, dim3 block,
+                                                                std::size_t shared_bytes,
+                                                                void (*body)(void*), void* payload) {
+  Scheduler& s = t_scheduler;
+  if (s.in_launch) fatal("a kernel launch inside a kernel is not supported");
+  Grid& g = t_grid;
+  g.threads = block.x * block.y * block.z;
+  g.blocks = grid.x * grid.y * grid.z;
+  g.shape = grid;
+  const std::size_t total = static_cast<std::size_t>(g.blocks) * g.threads;
+  g.fibers = fiber_pool().reserve(static_cast<unsigned>(total));
+  for (std::size_t i = 0; i < total; ++i) {
+    const unsigned t = static_cast<unsigned>(i % g.threads);
+    g.fibers[i]->thread_index = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+  }
+  g.state.assign(g.blocks, kRunnable);
+  g.turn = g.waiting = g.returned = g.phase = 0;
+  g.shared_stride = (shared_bytes + 127) / 128 * 128;
+  g.shared.assign(g.shared_stride * g.blocks, 0xFF);
+  s.body = body;
+  s.payload = payload;
+  s.in_launch = true;
+  s.cooperative = true;
+  t_grid_dim = grid;
+  t_block_dim = block;
+  Fiber* const first = enter_block(0);
+  if (_setjmp(s.launcher) == 0) jump_to(first);
+  s.cooperative = false;
+  s.in_launch = false;
+  s.body = nullptr;
+  s.payload = nullptr;
+  s.at_grid = 0;
+  t_dynamic_shared = nullptr;
+  g.shared.clear();
+  t_thread_idx = dim3(0, 0, 0);
+  t_block_idx = dim3(0, 0, 0);
+}
+
+}  // namespace detail
+
+// The running block's dynamic shared memory (what `extern __shared__` declares in CUDA), 128-byte
+// aligned; null outside a cooperative launch or with none requested.
+inline unsigned char* dynamic_shared_memory() noexcept { return detail::t_dynamic_shared; }
+
+// cudaLaunchCooperativeKernel(kernel, grid, block, args, shared_bytes, stream).
+template <typename... Params, typename... Args>
+cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block,
+                               std::size_t shared_bytes, cudaStream_t stream, Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args),
+                "cuda_emulation::launch_cooperative: wrong number of kernel arguments");
+  (void)stream;  // launches are synchronous
+  const DeviceModel& m = device_model();
+  const void* function = reinterpret_cast<const void*>(kernel);
+  cudaError_t error = detail::validate(grid, block, 0);
+  if (error == cudaSuccess && !m.cooperative_launch) error = cudaErrorNotSupported;
+  if (error == cudaSuccess && shared_bytes > detail::max_dynamic_shared_bytes(function))
+    error = cudaErrorInvalidValue;
+  if (error == cudaSuccess) {
+    const std::uint64_t blocks = std::uint64_t{grid.x} * grid.y * grid.z;
+    const int per_multiprocessor =
+        detail::occupancy(function, static_cast<int>(block.x * block.y * block.z), shared_bytes);
+    if (blocks > static_cast<std::uint64_t>(per_multiprocessor) * m.multiprocessors ||
+        (m.coresident_block_limit > 0 && blocks > static_cast<std::uint64_t>(m.coresident_block_limit)))
+      error = cudaErrorCooperativeLaunchTooLarge;
+  }
+  if (error != cudaSuccess) {
+    detail::t_last_error = error;
+    return error;
+  }
+  struct Payload {
+    void (*kernel)(Params...);
+    std::tuple<std::decay_t<Params>...> params;
+  };
+  Payload payload{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+  detail::run_cooperative_grid(
+      grid, block, shared_bytes,
+      [](void* p) {
+        Payload& launched = *static_cast<Payload*>(p);
+        std::apply(launched.kernel, launched.params);
+      },
+      &payload);
+  ++detail::t_launch_count;
+  return cudaSuccess;
+}
+
+}  // namespace cuda_emulation
+
+namespace cooperative_groups {
+
+// this_grid() of a cooperative launch; sync() is the grid barrier.
+class grid_group {
+ public:
+  void sync() const {
+    __asm__ __volatile__("" ::: "memory");
+    ::cuda_emulation::detail::grid_barrier();
+    __asm__ __volatile__("" ::: "memory");
+  }
+  bool is_valid() const { return ::cuda_emulation::detail::t_scheduler.cooperative; }
+  unsigned long long num_threads() const {
+    return static_cast<unsigned long long>(::cuda_emulation::detail::t_grid.blocks) *
+           ::cuda_emulation::detail::t_grid.threads;
+  }
+};
+
+inline grid_group this_grid() { return grid_group(); }
+
+}  // namespace cooperative_groups
+
+// ---- Runtime queries of the emulated device ---------------------------------------------------
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  const ::cuda_emulation::DeviceModel& m = ::cuda_emulation::device_model();
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount: *value = m.multiprocessors; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = m.compute_capability_major; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = m.shared_bytes_per_multiprocessor;
+      return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch: *value = m.cooperative_launch ? 1 : 0; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = m.shared_bytes_per_block_optin;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename... Params>
+cudaError_t cudaFuncSetAttribute(void (*function)(Params...), cudaFuncAttribute attribute,
+                                 int value) {
+  const ::cuda_emulation::DeviceModel& m = ::cuda_emulation::device_model();
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value > m.shared_bytes_per_block_optin) {
+    ::cuda_emulation::detail::t_last_error = cudaErrorInvalidValue;
+    return cudaErrorInvalidValue;
+  }
+  const void* key = reinterpret_cast<const void*>(function);
+  for (auto& a : ::cuda_emulation::detail::function_attributes()) {
+    if (a.function == key) {
+      a.max_dynamic_shared_bytes = value;
+      return cudaSuccess;
+    }
+  }
+  ::cuda_emulation::detail::function_attributes().push_back({key, value});
+  return cudaSuccess;
+}
+
+template <typename... Params>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks,
+                                                          void (*function)(Params...),
+                                                          int block_threads,
+                                                          std::size_t shared_bytes) {
+  *blocks = ::cuda_emulation::detail::occupancy(reinterpret_cast<const void*>(function),
+                                                block_threads, shared_bytes);
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = ::cuda_emulation::device_model().capturing ? cudaStreamCaptureStatusActive
+                                                         : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = ::cuda_emulation::device_model().runtime_version;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDriverGetVersion(int* version) {
+  *version = ::cuda_emulation::device_model().driver_version;
+  return cudaSuccess;
+}

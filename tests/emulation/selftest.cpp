@@ -1,9 +1,14 @@
 // Self-test of cuda_emulation.h. Returns 0 when every check passes; prints each failure otherwise.
 // With an argument it runs one misuse that must abort (see main): "divergent" (a divergent
 // barrier), "misaligned", "misaligned-store", "bad-ldm", "bad-ldm-float", "partial-warp" (wmma
-// preconditions).
+// preconditions), "grid-barrier-missed" (a block returns without reaching a grid barrier the
+// others wait at), "grid-barrier-extra" (one block waits at one grid barrier more than the
+// others reach), "grid-barrier-mismatched" (threads of a block wait at a grid barrier and at
+// __syncthreads() at once), "grid-barrier-divergent" (threads of a block return while others
+// wait at a grid barrier), "grid-barrier-outside" (a grid barrier in an ordinary launch).
 #include "cuda_emulation.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -228,6 +233,199 @@ __global__ void wmma_misuse(int mode) {
       break;
   }
   floats[threadIdx.x] = acc.x[0];
+}
+
+// ---- Cooperative launches -----------------------------------------------------------------
+// Every block publishes a value, and after a grid barrier reads its neighbours': right only if the
+// barrier held every block back until all had written. Repeated over rounds, each round's values
+// depending on the last, in dynamic shared memory of its own per block.
+constexpr unsigned kGridThreads = 64;
+
+__global__ void grid_exchange(int* __restrict__ board, int* __restrict__ out, int rounds) {
+  unsigned char* const shared = cuda_emulation::dynamic_shared_memory();
+  int* const mine = reinterpret_cast<int*>(shared);  // kGridThreads ints of this block's own
+  const unsigned b = blockIdx.x, blocks = gridDim.x, t = threadIdx.x;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  mine[t] = static_cast<int>(b * 100 + t);
+  __syncthreads();
+  for (int r = 0; r < rounds; ++r) {
+    board[(r % 2) * blocks * kGridThreads + b * kGridThreads + t] = mine[t];
+    grid.sync();
+    const int left = board[(r % 2) * blocks * kGridThreads + ((b + blocks - 1) % blocks) * kGridThreads + t];
+    const int right = board[(r % 2) * blocks * kGridThreads + ((b + 1) % blocks) * kGridThreads + (kGridThreads - 1 - t)];
+    const int next = mine[(t + 1) % kGridThreads];
+    __syncthreads();  // every thread of the block has read mine[] of the last round
+    mine[t] = next + left - right + r;
+    __syncthreads();
+  }
+  out[b * kGridThreads + t] = mine[t];
+}
+
+std::vector<int> grid_exchange_expected(unsigned blocks, int rounds) {
+  std::vector<int> mine(blocks * kGridThreads);
+  for (unsigned b = 0; b < blocks; ++b)
+    for (unsigned t = 0; t < kGridThreads; ++t) mine[b * kGridThreads + t] = static_cast<int>(b * 100 + t);
+  for (int r = 0; r < rounds; ++r) {
+    const std::vector<int> board = mine;
+    for (unsigned b = 0; b < blocks; ++b)
+      for (unsigned t = 0; t < kGridThreads; ++t) {
+        const int left = board[((b + blocks - 1) % blocks) * kGridThreads + t];
+        const int right = board[((b + 1) % blocks) * kGridThreads + (kGridThreads - 1 - t)];
+        mine[b * kGridThreads + t] = board[b * kGridThreads + (t + 1) % kGridThreads] + left - right + r;
+      }
+  }
+  return mine;
+}
+
+// Records the dynamic shared memory as the kernel finds it, and the order in which blocks run
+// between grid barriers.
+__global__ void grid_order(unsigned* __restrict__ first_word, unsigned* __restrict__ order,
+                           unsigned* counter, int phases) {
+  const unsigned* const shared = reinterpret_cast<const unsigned*>(cuda_emulation::dynamic_shared_memory());
+  if (threadIdx.x == 0) first_word[blockIdx.x] = shared[0];
+  for (int p = 0; p < phases; ++p) {
+    if (threadIdx.x == 0) order[p * gridDim.x + blockIdx.x] = (*counter)++;
+    cooperative_groups::this_grid().sync();
+  }
+}
+
+// Misuses of the grid barrier, one per mode; each must abort.
+enum class GridMisuse { kMissed, kExtra, kMismatched, kDivergent };
+
+__global__ void grid_misuse(int mode, int* sink) {
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  grid.sync();  // a correct barrier first
+  switch (static_cast<GridMisuse>(mode)) {
+    case GridMisuse::kMissed:  // block 1 returns; the others wait forever
+      if (blockIdx.x == 1) return;
+      grid.sync();
+      break;
+    case GridMisuse::kExtra:  // the last block waits at a barrier no other block reaches
+      if (blockIdx.x == gridDim.x - 1) grid.sync();
+      break;
+    case GridMisuse::kMismatched:  // half of block 0 at the grid barrier, half at the block's
+      if (blockIdx.x == 0 && threadIdx.x < 16) {
+        __syncthreads();
+      } else {
+        grid.sync();
+      }
+      break;
+    case GridMisuse::kDivergent:
+      if (blockIdx.x == 0 && threadIdx.x >= 16) return;
+      grid.sync();
+      break;
+  }
+  sink[blockIdx.x] = 1;
+}
+
+__global__ void grid_barrier_in_ordinary_launch() { cooperative_groups::this_grid().sync(); }
+
+void test_cooperative_exchange() {
+  for (unsigned blocks : {1u, 2u, 7u}) {
+    const int rounds = 9;
+    std::vector<int> board(2 * blocks * kGridThreads, -1), out(blocks * kGridThreads, -1);
+    const std::uint64_t before = cuda_emulation::launch_count();
+    const cudaError_t error = cuda_emulation::launch_cooperative(
+        grid_exchange, dim3(blocks), dim3(kGridThreads), kGridThreads * sizeof(int), nullptr,
+        board.data(), out.data(), rounds);
+    CHECK(error == cudaSuccess, "%u blocks: launch returned %d", blocks, static_cast<int>(error));
+    CHECK(cuda_emulation::launch_count() == before + 1, "a cooperative launch is one launch");
+    const std::vector<int> expected = grid_exchange_expected(blocks, rounds);
+    int wrong = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) wrong += out[i] != expected[i];
+    CHECK(wrong == 0, "%u blocks: %d of %zu values wrong (out[0] = %d, expected %d)", blocks, wrong,
+          out.size(), out[0], expected[0]);
+  }
+}
+
+void test_cooperative_order_and_shared_memory() {
+  const unsigned blocks = 5;
+  const int phases = 4;
+  std::vector<unsigned> first(blocks, 0), order(phases * blocks, ~0u);
+  unsigned counter = 0;
+  const cudaError_t error = cuda_emulation::launch_cooperative(
+      grid_order, dim3(blocks), dim3(32), 256, nullptr, first.data(), order.data(), &counter,
+      phases);
+  CHECK(error == cudaSuccess, "launch returned %d", static_cast<int>(error));
+  for (unsigned b = 0; b < blocks; ++b)
+    CHECK(first[b] == 0xFFFFFFFFu, "block %u found %#x in its shared memory, not the 0xFF fill", b,
+          first[b]);
+  // Ascending between the start and the first barrier, descending to the next, and so on.
+  for (int p = 0; p < phases; ++p)
+    for (unsigned b = 0; b < blocks; ++b) {
+      const unsigned expected = p * blocks + (p % 2 == 0 ? b : blocks - 1 - b);
+      CHECK(order[p * blocks + b] == expected, "phase %d block %u ran at %u, expected %u", p, b,
+            order[p * blocks + b], expected);
+    }
+  // The emulator's state is reset: an ordinary launch afterwards works.
+  int sink = 0;
+  CHECK(cuda_emulation::launch(barriers, dim3(3), dim3(64), 0, nullptr, 2, &sink) == cudaSuccess &&
+            sink == 3, "ordinary launch after a cooperative one");
+}
+
+void test_cooperative_limits() {
+  cuda_emulation::DeviceModel& model = cuda_emulation::device_model();
+  const cuda_emulation::DeviceModel saved = model;
+  std::vector<int> board(2 * 64 * kGridThreads), out(64 * kGridThreads);
+  auto launch = [&](unsigned blocks, std::size_t shared) {
+    shared = std::max<std::size_t>(shared, kGridThreads * sizeof(int));  // what the kernel uses
+    const cudaError_t error = cuda_emulation::launch_cooperative(
+        grid_exchange, dim3(blocks), dim3(kGridThreads), shared, nullptr, board.data(),
+        out.data(), 1);
+    const cudaError_t last = cudaGetLastError();
+    CHECK(last == error, "cudaGetLastError %d after a launch returning %d", static_cast<int>(last),
+          static_cast<int>(error));
+    return error;
+  };
+  int value = 0;
+  CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess &&
+            value == model.multiprocessors, "multiprocessors %d", value);
+  CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) == cudaSuccess &&
+            value == 227 * 1024, "opt-in shared memory %d", value);
+  CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrCooperativeLaunch, 0) == cudaSuccess && value == 1,
+        "cooperative launch %d", value);
+  // Occupancy: threads, blocks and shared memory each limit it.
+  int blocks = -1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, grid_exchange, 1024, 0);
+  CHECK(blocks == 2, "1024 threads: %d blocks per multiprocessor", blocks);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, grid_exchange, 32, 0);
+  CHECK(blocks == 32, "32 threads: %d blocks per multiprocessor", blocks);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, grid_exchange, 64, 40 * 1024);
+  CHECK(blocks == 5, "40 KiB: %d blocks per multiprocessor", blocks);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, grid_exchange, 64, 100 * 1024);
+  CHECK(blocks == 0, "100 KiB before the opt-in: %d blocks per multiprocessor", blocks);
+  // Above 48 KiB only after cudaFuncSetAttribute, up to the opt-in limit.
+  CHECK(launch(2, 100 * 1024) == cudaErrorInvalidValue, "100 KiB without the attribute");
+  CHECK(cudaFuncSetAttribute(grid_exchange, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             228 * 1024) == cudaErrorInvalidValue, "attribute above the opt-in");
+  CHECK(cudaGetLastError() == cudaErrorInvalidValue, "attribute error recorded");
+  CHECK(cudaFuncSetAttribute(grid_exchange, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             227 * 1024) == cudaSuccess, "attribute at the opt-in");
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, grid_exchange, 64, 100 * 1024);
+  CHECK(blocks == 2, "100 KiB after the opt-in: %d blocks per multiprocessor", blocks);
+  CHECK(launch(16, 100 * 1024) == cudaSuccess, "16 blocks of 100 KiB on 8 multiprocessors");
+  CHECK(launch(17, 100 * 1024) == cudaErrorCooperativeLaunchTooLarge, "17 blocks of 100 KiB");
+  // A limit on co-resident blocks below the occupancy (as under MPS), a device without cooperative
+  // launches.
+  model.coresident_block_limit = 3;
+  CHECK(launch(3, 0) == cudaSuccess, "3 blocks under a limit of 3");
+  CHECK(launch(4, 0) == cudaErrorCooperativeLaunchTooLarge, "4 blocks under a limit of 3");
+  model = saved;
+  model.cooperative_launch = false;
+  CHECK(launch(1, 0) == cudaErrorNotSupported, "no cooperative launch support");
+  CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrCooperativeLaunch, 0) == cudaSuccess && value == 0,
+        "cooperative launch attribute %d", value);
+  model = saved;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusActive;
+  CHECK(cudaStreamIsCapturing(nullptr, &status) == cudaSuccess &&
+            status == cudaStreamCaptureStatusNone, "not capturing");
+  model.capturing = true;
+  CHECK(cudaStreamIsCapturing(nullptr, &status) == cudaSuccess &&
+            status == cudaStreamCaptureStatusActive, "capturing");
+  model = saved;
+  int version = 0;
+  CHECK(cudaRuntimeGetVersion(&version) == cudaSuccess && version == 13000, "runtime %d", version);
+  CHECK(cudaDriverGetVersion(&version) == cudaSuccess && version == 13000, "driver %d", version);
 }
 
 void test_reduction() {
@@ -483,7 +681,29 @@ void test_timing() {
 int main(int argc, char** argv) {
   if (argc > 1) {
     const char* const mode = argv[1];
-    if (std::strcmp(mode, "divergent") == 0) {
+    const struct {
+      const char* name;
+      GridMisuse misuse;
+    } grid_modes[] = {
+        {"grid-barrier-missed", GridMisuse::kMissed},
+        {"grid-barrier-extra", GridMisuse::kExtra},
+        {"grid-barrier-mismatched", GridMisuse::kMismatched},
+        {"grid-barrier-divergent", GridMisuse::kDivergent},
+    };
+    bool grid_mode = false;
+    for (const auto& m : grid_modes) {
+      if (std::strcmp(mode, m.name) == 0) {
+        grid_mode = true;
+        std::vector<int> sink(4, 0);
+        cuda_emulation::launch_cooperative(grid_misuse, dim3(4), dim3(32), 0, nullptr,
+                                           static_cast<int>(m.misuse), sink.data());
+      }
+    }
+    if (grid_mode) {
+      // reached only if the misuse went unnoticed
+    } else if (std::strcmp(mode, "grid-barrier-outside") == 0) {
+      cuda_emulation::launch(grid_barrier_in_ordinary_launch, dim3(2), dim3(32), 0, nullptr);
+    } else if (std::strcmp(mode, "divergent") == 0) {
       std::vector<int> out(32, 0);
       cuda_emulation::launch(divergent, dim3(1), dim3(32), 0, nullptr, out.data());
     } else {
@@ -526,6 +746,9 @@ int main(int argc, char** argv) {
   test_wmma_gemm<__nv_bfloat16, wmma::row_major, 16>("bfloat16, row_major b");
   test_wmma_gemm<wmma::precision::tf32, wmma::col_major, 8>("tf32, col_major b");
   test_wmma_gemm<wmma::precision::tf32, wmma::row_major, 8>("tf32, row_major b");
+  test_cooperative_exchange();
+  test_cooperative_order_and_shared_memory();
+  test_cooperative_limits();
   test_timing();
   if (failures != 0) {
     std::printf("%d check(s) failed\n", failures);
