@@ -216,13 +216,144 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer(
 }  // namespace
 #endif
 
+LstmSizes check_bidirectional_args(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == 2 && c0.dim() == 3 && c0.size(0) == 2,
+              "lstm_fused: the two-direction ops take h0 [2, B, P] and c0 [2, B, H] (the forward "
+              "direction's state first), got shapes ", shape_of(h0), " and ", shape_of(c0));
+  TORCH_CHECK(w_hr.has_value() == w_hr_reverse.has_value(),
+              "lstm_fused: both directions must have a projection (w_hr) or neither");
+  const LstmSizes s = check_forward_args(x, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  const LstmSizes r = check_forward_args(x, h0[1], c0[1], w_ih_reverse, w_hh_reverse, b_ih_reverse,
+                                         b_hh_reverse, w_hr_reverse, std::nullopt);
+  TORCH_CHECK(r.hidden_size == s.hidden_size && r.output_size == s.output_size,
+              "lstm_fused: the reverse direction has hidden_size ", r.hidden_size,
+              " and output size ", r.output_size, ", the forward direction ", s.hidden_size,
+              " and ", s.output_size);
+  return s;
+}
+
+namespace {
+
+using ForwardOp = ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, bool, bool);
+using BackwardOp = BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&,
+                                  const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, bool, bool);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* ops, const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow((std::string(ops) + "::" + name).c_str(), "")
+      .typed<Signature>();
+}
+
+}  // namespace
+
+BidirectionalForwardResult bidirectional_forward_by_direction(
+    const char* ops, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths,
+    bool training) {
+  check_bidirectional_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_reverse,
+                           b_ih_reverse, b_hh_reverse, w_hr_reverse, lengths);
+  const auto forward = find_op<ForwardOp>(ops, "forward");
+  auto [y, h_n, c_n, gates, cells] =
+      forward.call(x, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, false, training);
+  auto [y_r, h_n_r, c_n_r, gates_r, cells_r] =
+      forward.call(x, h0[1], c0[1], w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse,
+                   w_hr_reverse, lengths, true, training);
+  return {at::cat({y, y_r}, 2), at::stack({h_n, h_n_r}), at::stack({c_n, c_n_r}), gates, cells,
+          gates_r, cells_r};
+}
+
+BidirectionalBackwardResult bidirectional_backward_by_direction(
+    const char* ops, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& gates_reverse, const at::Tensor& cells_reverse, bool has_bias) {
+  const LstmSizes s =
+      check_bidirectional_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
+                               w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt,
+                               w_hr_reverse, lengths);
+  const int64_t P = s.output_size;
+  check_shape(grad_y, {s.seq_len, s.batch, 2 * P}, "grad_y");
+  check_shape(y, {s.seq_len, s.batch, 2 * P}, "y");
+  TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == 2 && grad_c_n.dim() == 3 &&
+                  grad_c_n.size(0) == 2,
+              "lstm_fused: the two-direction backward takes grad_h_n [2, B, P] and grad_c_n "
+              "[2, B, H], got shapes ", shape_of(grad_h_n), " and ", shape_of(grad_c_n));
+  const auto backward = find_op<BackwardOp>(ops, "backward");
+  auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = backward.call(
+      grad_y.narrow(2, 0, P), grad_h_n[0], grad_c_n[0], x, h0[0], c0[0], w_ih, w_hh, w_hr,
+      lengths, y.narrow(2, 0, P), gates, cells, false, has_bias);
+  auto [grad_x_r, grad_h0_r, grad_c0_r, grad_w_ih_r, grad_w_hh_r, grad_bias_r, grad_w_hr_r] =
+      backward.call(grad_y.narrow(2, P, P), grad_h_n[1], grad_c_n[1], x, h0[1], c0[1],
+                    w_ih_reverse, w_hh_reverse, w_hr_reverse, lengths, y.narrow(2, P, P),
+                    gates_reverse, cells_reverse, true, has_bias);
+  return {grad_x.add_(grad_x_r), at::stack({grad_h0, grad_h0_r}), at::stack({grad_c0, grad_c0_r}),
+          grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_w_ih_r, grad_w_hh_r, grad_bias_r,
+          grad_w_hr_r};
+}
+
 }  // namespace lstm_fused
 
 #ifndef LSTM_FUSED_EMULATE_CUDA  // the emulated CUDA test build registers its own namespace
 TORCH_LIBRARY(lstm_fused, m) {
   m.def(lstm_fused::kForwardSchema);
   m.def(lstm_fused::kBackwardSchema);
+  m.def(lstm_fused::kBidirectionalForwardSchema);
+  m.def(lstm_fused::kBidirectionalBackwardSchema);
   m.def(lstm_fused::kLayerSchema);
+}
+
+// On the CPU both directions run one after the other, each by the one-direction ops.
+TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
+  m.impl("bidirectional_forward",
+         [](const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+            const at::Tensor& w_ih, const at::Tensor& w_hh,
+            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+            const std::optional<at::Tensor>& w_hr, const at::Tensor& w_ih_reverse,
+            const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
+            const std::optional<at::Tensor>& b_hh_reverse,
+            const std::optional<at::Tensor>& w_hr_reverse,
+            const std::optional<at::Tensor>& lengths, bool training) {
+           return lstm_fused::bidirectional_forward_by_direction(
+               "lstm_fused", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_reverse,
+               b_ih_reverse, b_hh_reverse, w_hr_reverse, lengths, training);
+         });
+  m.impl("bidirectional_backward",
+         [](const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+            const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+            const at::Tensor& w_ih, const at::Tensor& w_hh,
+            const std::optional<at::Tensor>& w_hr, const at::Tensor& w_ih_reverse,
+            const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+            const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+            const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& gates_reverse,
+            const at::Tensor& cells_reverse, bool has_bias) {
+           return lstm_fused::bidirectional_backward_by_direction(
+               "lstm_fused", grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+               w_ih_reverse, w_hh_reverse, w_hr_reverse, lengths, y, gates, cells, gates_reverse,
+               cells_reverse, has_bias);
+         });
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) {

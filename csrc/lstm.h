@@ -82,6 +82,50 @@ BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_g
                                     at::Tensor grad_h0, at::Tensor grad_c0, bool reverse,
                                     bool has_bias);
 
+// Both directions of a bidirectional layer in one op (so that the CUDA persistent kernel can run
+// them in one launch). h0 [2, B, P] and c0 [2, B, H] stack the directions' states; the reverse
+// direction's weights are the *_reverse arguments. Returns
+//   y: [T, B, 2P] both directions' outputs side by side (forward first, as nn.LSTM's)
+//   h_n: [2, B, P]   c_n: [2, B, H]
+//   gates, cells and gates_reverse, cells_reverse: what each direction's forward saves
+using BidirectionalForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// grad_x, grad_h0 [2, B, P], grad_c0 [2, B, H], then grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
+// of the forward direction and of the reverse one.
+using BidirectionalBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The two-direction ops computed one direction at a time by `ops`::forward and ::backward
+// (through the dispatcher, so on any device): their CPU implementation, and the CUDA one where
+// one launch cannot hold both directions.
+BidirectionalForwardResult bidirectional_forward_by_direction(
+    const char* ops, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths,
+    bool training);
+BidirectionalBackwardResult bidirectional_backward_by_direction(
+    const char* ops, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& gates_reverse, const at::Tensor& cells_reverse, bool has_bias);
+
+// The checks of the two-direction ops beyond each direction's own: the stacked states' shapes,
+// and that both directions agree in sizes and in having a projection. Returns the sizes.
+LstmSizes check_bidirectional_args(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths);
+
 // The op schemas, shared by the registration of the ops and of their CPU-emulated CUDA test build.
 constexpr const char* kForwardSchema =
     "forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
@@ -100,5 +144,19 @@ constexpr const char* kBackwardSchema =
     "Tensor cells, bool reverse, bool has_bias) "
     "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
     "Tensor grad_bias, Tensor grad_w_hr)";
+constexpr const char* kBidirectionalForwardSchema =
+    "bidirectional_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+    "Tensor? b_hh, Tensor? w_hr, Tensor w_ih_reverse, Tensor w_hh_reverse, "
+    "Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, Tensor? lengths, "
+    "bool training) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, "
+    "Tensor gates_reverse, Tensor cells_reverse)";
+constexpr const char* kBidirectionalBackwardSchema =
+    "bidirectional_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
+    "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor w_ih_reverse, "
+    "Tensor w_hh_reverse, Tensor? w_hr_reverse, Tensor? lengths, Tensor y, Tensor gates, "
+    "Tensor cells, Tensor gates_reverse, Tensor cells_reverse, bool has_bias) "
+    "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+    "Tensor grad_bias, Tensor grad_w_hr, Tensor grad_w_ih_reverse, Tensor grad_w_hh_reverse, "
+    "Tensor grad_bias_reverse, Tensor grad_w_hr_reverse)";
 
 }  // namespace lstm_fused

@@ -17,7 +17,10 @@ _PATHS = {
     # step_large: 64 x 32, or 32 x 16 for float16/bfloat16 (the default when it gives every
     #             multiprocessor a block)
     # float16/bfloat16 run step_medium and step_large on tensor cores (sm_80+).
-    "cuda": ["step_small", "step_medium", "step_large"],
+    # persistent: one cooperative launch for the whole sequence, each block keeping its slice of
+    #             W_hh on chip (the default where it fits and its cost model expects it faster;
+    #             forced where it cannot run, it warns why and the step kernels run)
+    "cuda": ["step_small", "step_medium", "step_large", "persistent"],
 }
 
 

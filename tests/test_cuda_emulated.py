@@ -30,13 +30,15 @@ def emulated(tmp_path_factory):
     if not cpp_extension.is_ninja_available():
         pytest.skip("needs ninja to build the emulated extension")
     build = tmp_path_factory.mktemp("emulated_cuda")
-    # The .cu file, compiled as C++.
-    kernels = build / "lstm_kernels_emulated.cpp"
-    kernels.write_text(f'#include "{ROOT / "csrc" / "cuda" / "lstm_kernels.cu"}"\n')
+    # Every .cu file, compiled as C++.
+    kernels = []
+    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        kernels.append(build / f"{source.stem}_emulated.cpp")
+        kernels[-1].write_text(f'#include "{source}"\n')
     cpp_extension.load(
         name="lstm_fused_emulated",
         sources=[str(ROOT / "csrc" / "lstm.cpp"), str(ROOT / "csrc" / "cuda" / "lstm_cuda.cpp"),
-                 str(kernels)],
+                 *map(str, kernels)],
         extra_cflags=["-O2", "-DLSTM_FUSED_EMULATE_CUDA",
                       f"-I{ROOT / 'tests' / 'emulation'}", f"-I{ROOT / 'csrc' / 'cuda'}"],
         build_directory=str(build),

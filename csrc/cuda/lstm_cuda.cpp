@@ -1,5 +1,6 @@
 // CUDA implementation of the lstm_fused ops: checks, allocation, device guard, current stream,
-// dtype dispatch and the sequence of launches; the kernels are in lstm_kernels.cu.
+// dtype dispatch, the one choice of kernel path (choose_path) and the sequence of launches; the
+// kernels are in lstm_kernels.cu (fused steps) and lstm_persistent.cu (a sequence per launch).
 //
 // Forward: the input projection of every step as one GEMM (cuBLAS through ATen), then per step one
 // fused kernel (recurrent product, biases, nonlinearities, cell update). With a projection the
@@ -9,6 +10,11 @@
 // gradients; with a projection a first kernel forms dL/dh_t, a second one the gate gradients),
 // then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps (gradients_over_steps).
 //
+// The persistent kernel replaces the per-step launches, forward and backward, by one cooperative
+// launch where the weights fit on chip and the cost model expects it to be faster; the
+// two-direction ops (bidirectional_forward, bidirectional_backward) run both directions of a
+// layer in one such launch where they fit together, else one direction after the other.
+//
 // Precision: float32 and float64 are computed in their own type, float16 and bfloat16 with float32
 // arithmetic, float32 cell state and float32 saved gates and cells. The step kernels use TF32 for
 // float32 exactly when nn.LSTM does: when cuDNN may use TF32 for RNNs
@@ -16,6 +22,7 @@
 // The GEMMs over all steps are ATen matmuls and follow torch.backends.cuda.matmul.allow_tf32.
 #include "../lstm.h"
 #include "lstm_kernels.h"
+#include "lstm_persistent.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -23,17 +30,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
+#include <vector>
 
 #ifdef LSTM_FUSED_EMULATE_CUDA
 // The CPU-emulated test build: CPU tensors, kernels run by the emulator, no device or stream.
 #define LSTM_FUSED_OPS lstm_fused_emulated
+#define LSTM_FUSED_OPS_NAME "lstm_fused_emulated"
 #else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define LSTM_FUSED_OPS lstm_fused
+#define LSTM_FUSED_OPS_NAME "lstm_fused"
 #endif
 
 namespace lstm_fused {
@@ -126,18 +139,35 @@ void check_launch(cudaError_t error, const char* kernel) {
               cudaGetErrorString(error));
 }
 
-// The one place that picks the CUDA step kernel's tile (the environment variable LSTM_FUSED_PATH,
-// set by lstm_fused.force_path, forces one; auto chooses by batch and size).
-StepTile step_tile() {
+// The path the environment variable LSTM_FUSED_PATH (set by lstm_fused.force_path) forces.
+enum class ForcedPath { kAuto, kStepSmall, kStepMedium, kStepLarge, kPersistent };
+
+ForcedPath forced_path() {
   const char* forced = std::getenv("LSTM_FUSED_PATH");
   if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) {
-    return StepTile::kAuto;
+    return ForcedPath::kAuto;
   }
-  if (std::strcmp(forced, "step_small") == 0) return StepTile::kSmall;
-  if (std::strcmp(forced, "step_medium") == 0) return StepTile::kMedium;
-  if (std::strcmp(forced, "step_large") == 0) return StepTile::kLarge;
-  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_PATH must be auto, step_small, step_medium or ",
-              "step_large on CUDA, got '", forced, "'");
+  if (std::strcmp(forced, "step_small") == 0) return ForcedPath::kStepSmall;
+  if (std::strcmp(forced, "step_medium") == 0) return ForcedPath::kStepMedium;
+  if (std::strcmp(forced, "step_large") == 0) return ForcedPath::kStepLarge;
+  if (std::strcmp(forced, "persistent") == 0) return ForcedPath::kPersistent;
+  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_PATH must be auto, step_small, step_medium, ",
+              "step_large or persistent on CUDA, got '", forced, "'");
+}
+
+// The fused-step kernels' tile: forced, else their own choice by batch and size (also where the
+// persistent kernel was forced but cannot run).
+StepTile step_tile() {
+  switch (forced_path()) {
+    case ForcedPath::kStepSmall:
+      return StepTile::kSmall;
+    case ForcedPath::kStepMedium:
+      return StepTile::kMedium;
+    case ForcedPath::kStepLarge:
+      return StepTile::kLarge;
+    default:
+      return StepTile::kAuto;
+  }
 }
 
 void check_cuda_sizes(const LstmSizes& s) {
@@ -154,6 +184,335 @@ at::ScalarType accumulate_type(const at::Tensor& x) {
 // [T, B] true where step t is padding for row b.
 at::Tensor padding_mask(const at::Tensor& lengths, int64_t T) {
   return at::arange(T, lengths.options()).unsqueeze(1) >= lengths.unsqueeze(0);
+}
+
+// ---- The kernel path ---------------------------------------------------------------------------
+
+void check_cuda(cudaError_t error, const char* what) {
+  TORCH_CHECK(error == cudaSuccess, "lstm_fused: ", what, " failed: ", cudaGetErrorString(error));
+}
+
+int current_device() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+// Tensor cores from this batch on, as in the step kernels' own choice (their small scalar tile up
+// to batch 4, where a step is bound by reading W_hh, not by arithmetic).
+constexpr int64_t kTensorCoreMinBatch = 5;
+
+cuda::PersistentDevice persistent_device() {
+  const int device = current_device();
+#ifdef LSTM_FUSED_EMULATE_CUDA  // tests change the emulated device: read it every time
+  cuda::PersistentDevice info{};
+  check_cuda(cuda::query_persistent_device(device, &info), "reading the device's attributes");
+  return info;
+#else
+  static std::mutex mutex;
+  static std::unordered_map<int, cuda::PersistentDevice> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  cuda::PersistentDevice info{};
+  check_cuda(cuda::query_persistent_device(device, &info), "reading the device's attributes");
+  known.emplace(device, info);
+  return info;
+#endif
+}
+
+// Why no cooperative launch may go on the current stream now, or empty if one may: a stream being
+// captured into a CUDA graph takes one only from CUDA 12 on (runtime and driver), as a
+// cooperative kernel node.
+std::string capture_forbids_cooperative_launch() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(current_stream(), &status), "cudaStreamIsCapturing");
+  if (status == cudaStreamCaptureStatusNone) return "";
+  int runtime = 0, driver = 0;
+  check_cuda(cudaRuntimeGetVersion(&runtime), "cudaRuntimeGetVersion");
+  check_cuda(cudaDriverGetVersion(&driver), "cudaDriverGetVersion");
+  if (runtime >= 12000 && driver >= 12000) return "";
+  return c10::str("the stream is being captured into a CUDA graph, which takes cooperative "
+                  "launches from CUDA 12.0 on (runtime ", runtime / 1000, ".",
+                  runtime % 1000 / 10, ", driver ", driver / 1000, ".", driver % 1000 / 10, ")");
+}
+
+// The persistent kernel's plan for a problem on the current device, computed once per problem.
+template <typename T>
+cuda::PersistentPlan persistent_plan(const cuda::PersistentProblem& problem,
+                                     const cuda::PersistentDevice& device) {
+  using Key = std::tuple<int, int, int, int, int, bool, bool, bool, int, int, bool>;
+  static std::mutex mutex;
+  static std::map<Key, cuda::PersistentPlan> plans;
+  const Key key{current_device(), problem.batch, problem.hidden_size, problem.output_size,
+                problem.directions, problem.projection, problem.backward, problem.tensor_cores,
+                device.multiprocessors, device.shared_bytes_per_block, device.cooperative_launch};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = plans.find(key);
+  if (found != plans.end()) return found->second;
+  const cuda::PersistentPlan plan = cuda::plan_persistent<T>(problem, device);
+  plans.emplace(key, plan);
+  return plan;
+}
+
+// The kernel path of one recurrence (of one or both directions of a layer).
+struct CudaPath {
+  bool persistent = false;
+  cuda::PersistentLayout layout{};
+};
+
+// The one place that picks the CUDA kernel path: the persistent kernel (one launch for the whole
+// sequence) where it can run and lstm_persistent.cu's cost model expects it to beat the fused-step
+// kernels, else those (with step_tile()'s tile). LSTM_FUSED_PATH forces either. A forced
+// persistent kernel that cannot run here (the weights beyond the device's on-chip memory, no
+// cooperative launches, graph capture on CUDA 11) warns why and the fused-step kernels run; for
+// both directions at once it stays silent, since each direction then chooses by itself.
+template <typename scalar_t>
+CudaPath choose_path(const LstmSizes& s, int directions, bool backward, bool projection,
+                     bool has_lengths) {
+  using T = typename KernelType<scalar_t>::type;
+  CudaPath path;
+  const ForcedPath forced = forced_path();
+  if (forced != ForcedPath::kAuto && forced != ForcedPath::kPersistent) return path;
+  const bool is_forced = forced == ForcedPath::kPersistent;
+  // One step is one launch on either path.
+  if (s.seq_len == 0 || s.batch == 0 || (!is_forced && s.seq_len < 2)) return path;
+  constexpr bool kHalfType =
+      std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+  const cuda::DeviceTraits traits = device_traits();
+  const bool tensor_cores = traits.tensor_cores && s.batch >= kTensorCoreMinBatch &&
+                            (kHalfType || allow_tf32<scalar_t>());
+  const cuda::PersistentProblem problem{
+      static_cast<int>(std::min<int64_t>(s.seq_len, std::numeric_limits<int>::max())),
+      static_cast<int>(s.batch), static_cast<int>(s.hidden_size),
+      static_cast<int>(s.output_size), directions, projection, backward, tensor_cores};
+  const cuda::PersistentDevice device = persistent_device();
+  std::string why = s.seq_len > std::numeric_limits<int>::max()
+                        ? std::string("more than 2^31 - 1 steps")
+                        : capture_forbids_cooperative_launch();
+  cuda::PersistentPlan plan{};
+  if (why.empty()) {
+    plan = persistent_plan<T>(problem, device);
+    if (!plan.feasible) why = plan.reason;
+  }
+  if (!why.empty()) {
+    if (is_forced && directions == 1) {
+      TORCH_WARN("lstm_fused: the persistent kernel was forced (LSTM_FUSED_PATH=persistent) but "
+                 "cannot run here: ", why, "; the fused-step kernels run instead");
+    }
+    return path;
+  }
+  if (!is_forced && !(plan.estimated_step_us <
+                      cuda::estimate_step_kernels_us(problem, device, sizeof(T), has_lengths))) {
+    return path;
+  }
+  path.persistent = true;
+  path.layout = plan.layout;
+  return path;
+}
+
+// After the device refused a persistent launch (cudaErrorCooperativeLaunchTooLarge: fewer of its
+// blocks fit at once than the occupancy promised, as under an MPS limit on multiprocessors).
+void warn_persistent_refused() {
+  constexpr const char* kMessage =
+      "lstm_fused: the device refused the cooperative launch of the persistent kernel (fewer of "
+      "its blocks fit on the device at once than its occupancy promises, as under an MPS limit "
+      "on the multiprocessors a process may use); the fused-step kernels run instead";
+  if (forced_path() == ForcedPath::kPersistent) {
+    TORCH_WARN(kMessage);
+  } else {
+    TORCH_WARN_ONCE(kMessage);
+  }
+}
+
+// ---- One direction's buffers -------------------------------------------------------------------
+
+// A forward pass's inputs, prepared, and its saved-state buffers, for one direction.
+struct ForwardDirection {
+  at::Tensor input_gates;  // [T, B, 4H] x_t W_ih^T in x's dtype (the kernels add the biases)
+  at::Tensor bias;         // [4H] b_ih + b_hh in the arithmetic type, or undefined
+  at::Tensor h0, c0;       // contiguous; c0 in the arithmetic type
+  at::Tensor w_hh, w_hr;   // contiguous; w_hr undefined without a projection
+  at::Tensor cells;        // [T, B, H] (training), else [2, B, H]: filled by the pass
+  at::Tensor gates;        // [T, B, 4H] (training), else undefined
+  bool reverse;
+};
+
+ForwardDirection forward_direction(const LstmSizes& s, const at::Tensor& x, const at::Tensor& h0,
+                                   const at::Tensor& c0, const at::Tensor& w_ih,
+                                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& w_hr, bool reverse,
+                                   bool training) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  const auto acc_options = x.options().dtype(accumulate_type(x));
+  ForwardDirection d;
+  // The input projection of all steps at once, in x's dtype.
+  d.input_gates = at::mm(x.reshape({T * B, s.input_size}), w_ih.t()).view({T, B, 4 * H});
+  if (b_ih.has_value() || b_hh.has_value()) {
+    d.bias = at::zeros({4 * H}, acc_options);
+    if (b_ih.has_value()) d.bias.add_(*b_ih);
+    if (b_hh.has_value()) d.bias.add_(*b_hh);
+  }
+  d.h0 = h0.contiguous();
+  d.c0 = c0.to(acc_options).contiguous();
+  d.w_hh = w_hh.contiguous();
+  if (w_hr.has_value()) d.w_hr = w_hr->contiguous();
+  d.cells = at::empty({training ? T : 2, B, H}, acc_options);
+  if (training) d.gates = at::empty({T, B, 4 * H}, acc_options);
+  d.reverse = reverse;
+  return d;
+}
+
+// A backward pass's inputs, prepared, and its results, for one direction.
+struct BackwardDirection {
+  at::Tensor w_hh, w_hr, gates, cells, c0;  // contiguous; w_hr undefined without a projection
+  at::Tensor grad_h, grad_c;  // [B, P], [B, H] in: dL/dh_n, dL/dc_n; out: dL/dh_0, dL/dc_0
+  at::Tensor grad_gates;      // [T, B, 4H] dL/dz_t
+  at::Tensor grad_proj_out;   // with a projection: [T, B, P] grad_y[t] + dL/dh_t, else undefined
+  at::Tensor hidden_all;      // with a projection: [T, B, H] o * tanh(c_t), else undefined
+  bool reverse;
+};
+
+BackwardDirection backward_direction(const LstmSizes& s, const at::Tensor& x,
+                                     const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                                     const at::Tensor& c0, const at::Tensor& w_hh,
+                                     const std::optional<at::Tensor>& w_hr,
+                                     const at::Tensor& gates, const at::Tensor& cells,
+                                     bool reverse) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const auto acc_options = x.options().dtype(accumulate_type(x));
+  BackwardDirection d;
+  d.w_hh = w_hh.contiguous();
+  if (w_hr.has_value()) d.w_hr = w_hr->contiguous();
+  d.gates = gates.contiguous();
+  d.cells = cells.contiguous();
+  d.c0 = c0.to(acc_options).contiguous();
+  d.grad_h = grad_h_n.to(acc_options, false, true).contiguous();
+  d.grad_c = grad_c_n.to(acc_options, false, true).contiguous();
+  d.grad_gates = at::empty({T, B, 4 * H}, acc_options);
+  if (w_hr.has_value()) {
+    d.grad_proj_out = at::empty({T, B, P}, acc_options);
+    d.hidden_all = at::empty({T, B, H}, x.options());
+  }
+  d.reverse = reverse;
+  return d;
+}
+
+// The weight gradients and dx of one direction from its pass back in time (the GEMMs run in x's
+// dtype, float32 accumulation inside cuBLAS).
+BackwardResult backward_result(const LstmSizes& s, const BackwardDirection& d, const at::Tensor& x,
+                               const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& y,
+                               bool has_bias) {
+  const auto dtype = x.scalar_type();
+  return gradients_over_steps(s, d.grad_gates.to(dtype), x, h0, w_ih, y,
+                              d.grad_proj_out.defined() ? d.grad_proj_out.to(dtype) : at::Tensor(),
+                              d.hidden_all, d.grad_h.to(dtype), d.grad_c.to(dtype), d.reverse,
+                              has_bias);
+}
+
+// ---- The persistent kernel ---------------------------------------------------------------------
+
+// Zero-filled exchange buffers for `directions` launches' worth of parts, each 128-byte aligned.
+int64_t exchange_bytes(const cuda::PersistentLayout& layout, int slots, int64_t k, int operand) {
+  const int64_t bytes = slots * static_cast<int64_t>(layout.batch_padded) *
+                        cuda::persistent_exchange_ld(static_cast<int>(k)) * operand;
+  return (bytes + 127) / 128 * 128;
+}
+
+// The forward recurrence of the directions in one persistent launch into y (rows y_ld apart,
+// direction d's columns from d * P); false if the device refused the launch (nothing written).
+template <typename scalar_t>
+bool run_persistent_forward(const LstmSizes& s, const cuda::PersistentLayout& layout,
+                            const std::vector<ForwardDirection>& directions, at::Tensor& y,
+                            int64_t y_ld, const at::Tensor& lengths, bool training) {
+  using T = typename KernelType<scalar_t>::type;
+  using Acc = acc_t<T>;
+  const int operand = cuda::persistent_operand_bytes<T>(layout.tensor_cores);
+  const bool projection = layout.phases == 2;
+  const int64_t h_bytes = exchange_bytes(layout, 2, s.output_size, operand);
+  const int64_t hidden_bytes = projection ? exchange_bytes(layout, 1, s.hidden_size, operand) : 0;
+  const int64_t per_direction = h_bytes + hidden_bytes;
+  at::Tensor exchange = at::zeros({static_cast<int64_t>(directions.size()) * per_direction},
+                                  y.options().dtype(at::kByte));
+  cuda::PersistentForward<T> args{};
+  args.seq_len = static_cast<int>(s.seq_len);
+  args.batch = static_cast<int>(s.batch);
+  args.hidden_size = static_cast<int>(s.hidden_size);
+  args.output_size = static_cast<int>(s.output_size);
+  args.y_ld = y_ld;
+  args.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  args.training = training;
+  for (size_t i = 0; i < directions.size(); ++i) {
+    const ForwardDirection& in = directions[i];
+    cuda::PersistentForwardDirection<T>& out = args.direction[i];
+    out.input_gates = pointer<const T, scalar_t>(in.input_gates);
+    out.bias = in.bias.defined() ? in.bias.data_ptr<Acc>() : nullptr;
+    out.w_hh = pointer<const T, scalar_t>(in.w_hh);
+    out.w_hr = in.w_hr.defined() ? pointer<const T, scalar_t>(in.w_hr) : nullptr;
+    out.h0 = pointer<const T, scalar_t>(in.h0);
+    out.c0 = in.c0.data_ptr<Acc>();
+    out.y = pointer<T, scalar_t>(y) + static_cast<int64_t>(i) * s.output_size;
+    out.cells = in.cells.data_ptr<Acc>();
+    out.gates = in.gates.defined() ? in.gates.data_ptr<Acc>() : nullptr;
+    uint8_t* const base = exchange.data_ptr<uint8_t>() + i * per_direction;
+    out.h_exchange = base;
+    out.hidden_exchange = projection ? base + h_bytes : nullptr;
+    out.reverse = in.reverse;
+  }
+  if (directions.size() == 1) args.direction[1] = args.direction[0];
+  const cudaError_t error = cuda::launch_persistent_forward<T>(args, layout, current_stream());
+  if (error == cudaErrorCooperativeLaunchTooLarge) return false;
+  check_launch(error, "persistent forward kernel");
+  return true;
+}
+
+// The backward recurrence of the directions in one persistent launch (grad_y's rows y_ld apart,
+// direction d's columns from d * P); false if the device refused the launch (nothing written).
+template <typename scalar_t>
+bool run_persistent_backward(const LstmSizes& s, const cuda::PersistentLayout& layout,
+                             std::vector<BackwardDirection>& directions, const at::Tensor& grad_y,
+                             int64_t y_ld, const at::Tensor& lengths) {
+  using T = typename KernelType<scalar_t>::type;
+  using Acc = acc_t<T>;
+  const int operand = cuda::persistent_operand_bytes<T>(layout.tensor_cores);
+  const bool projection = layout.phases == 2;
+  const int64_t gate_bytes = exchange_bytes(layout, 2, 4 * s.hidden_size, operand);
+  const int64_t total_bytes = projection ? exchange_bytes(layout, 1, s.output_size, operand) : 0;
+  const int64_t per_direction = gate_bytes + total_bytes;
+  at::Tensor exchange = at::zeros({static_cast<int64_t>(directions.size()) * per_direction},
+                                  grad_y.options().dtype(at::kByte));
+  cuda::PersistentBackward<T> args{};
+  args.seq_len = static_cast<int>(s.seq_len);
+  args.batch = static_cast<int>(s.batch);
+  args.hidden_size = static_cast<int>(s.hidden_size);
+  args.output_size = static_cast<int>(s.output_size);
+  args.y_ld = y_ld;
+  args.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  for (size_t i = 0; i < directions.size(); ++i) {
+    BackwardDirection& in = directions[i];
+    cuda::PersistentBackwardDirection<T>& out = args.direction[i];
+    out.w_hh = pointer<const T, scalar_t>(in.w_hh);
+    out.w_hr = in.w_hr.defined() ? pointer<const T, scalar_t>(in.w_hr) : nullptr;
+    out.grad_y = pointer<const T, scalar_t>(grad_y) + static_cast<int64_t>(i) * s.output_size;
+    out.gates = in.gates.data_ptr<Acc>();
+    out.cells = in.cells.data_ptr<Acc>();
+    out.c0 = in.c0.data_ptr<Acc>();
+    out.grad_h = in.grad_h.data_ptr<Acc>();
+    out.grad_c = in.grad_c.data_ptr<Acc>();
+    out.grad_gates = in.grad_gates.data_ptr<Acc>();
+    out.grad_proj_out = projection ? in.grad_proj_out.data_ptr<Acc>() : nullptr;
+    out.hidden_all = projection ? pointer<T, scalar_t>(in.hidden_all) : nullptr;
+    uint8_t* const base = exchange.data_ptr<uint8_t>() + i * per_direction;
+    out.gate_exchange = base;
+    out.total_exchange = projection ? base + gate_bytes : nullptr;
+    out.reverse = in.reverse;
+  }
+  if (directions.size() == 1) args.direction[1] = args.direction[0];
+  const cudaError_t error = cuda::launch_persistent_backward<T>(args, layout, current_stream());
+  if (error == cudaErrorCooperativeLaunchTooLarge) return false;
+  check_launch(error, "persistent backward kernel");
+  return true;
 }
 
 template <typename scalar_t>
@@ -223,30 +582,26 @@ ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::
   const LstmSizes s = check_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_cuda_sizes(s);
   DeviceGuard guard(x.device());
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const auto options = x.options();
-  const auto acc_options = options.dtype(accumulate_type(x));
-
-  // The input projection of all steps at once, in x's dtype; the biases are added in the kernel.
-  const at::Tensor input_gates =
-      at::mm(x.reshape({T * B, s.input_size}), w_ih.t()).view({T, B, 4 * H});
-  at::Tensor bias;
-  if (b_ih.has_value() || b_hh.has_value()) {
-    bias = at::zeros({4 * H}, acc_options);
-    if (b_ih.has_value()) bias.add_(*b_ih);
-    if (b_hh.has_value()) bias.add_(*b_hh);
-  }
-  at::Tensor y = at::empty({T, B, P}, options);
-  at::Tensor cells = at::empty({training ? T : 2, B, H}, acc_options);
-  at::Tensor gates = training ? at::empty({T, B, 4 * H}, acc_options) : at::Tensor();
-  const at::Tensor h0_c = h0.contiguous(), c0_acc = c0.to(acc_options).contiguous();
-  const at::Tensor w_hh_c = w_hh.contiguous();
+  const ForwardDirection d =
+      forward_direction(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training);
+  at::Tensor y = at::empty({s.seq_len, s.batch, s.output_size}, x.options());
+  at::Tensor cells = d.cells, gates = d.gates;
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_forward_cuda", [&] {
-    forward_steps<scalar_t>(s, input_gates, bias, h0_c, c0_acc, w_hh_c, w_hr, lengths_c, reverse,
-                            y, cells, gates);
+    const CudaPath path =
+        choose_path<scalar_t>(s, 1, /*backward=*/false, w_hr.has_value(), lengths.has_value());
+    bool done = false;
+    if (path.persistent) {
+      done = run_persistent_forward<scalar_t>(s, path.layout, {d}, y, s.output_size, lengths_c,
+                                              training);
+      if (!done) warn_persistent_refused();
+    }
+    if (!done) {
+      forward_steps<scalar_t>(s, d.input_gates, d.bias, d.h0, d.c0, d.w_hh, w_hr, lengths_c,
+                              reverse, y, cells, gates);
+    }
   });
 
   return forward_result(s, y, cells, gates, x, h0, c0, reverse, training);
@@ -340,33 +695,139 @@ BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_
                                           lengths, y, gates, cells);
   check_cuda_sizes(s);
   DeviceGuard guard(x.device());
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const auto dtype = x.scalar_type();
-  const auto acc_options = x.options().dtype(accumulate_type(x));
-  const bool has_proj = w_hr.has_value();
-
-  at::Tensor grad_gates = at::empty({T, B, 4 * H}, acc_options);
-  at::Tensor grad_proj_out = has_proj ? at::empty({T, B, P}, acc_options) : at::Tensor();
-  at::Tensor hidden_all = has_proj ? at::empty({T, B, H}, x.options()) : at::Tensor();
-  at::Tensor grad_h = grad_h_n.to(acc_options, false, true).contiguous();
-  at::Tensor grad_c = grad_c_n.to(acc_options, false, true).contiguous();
+  std::vector<BackwardDirection> d{
+      backward_direction(s, x, grad_h_n, grad_c_n, c0, w_hh, w_hr, gates, cells, reverse)};
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  const std::optional<at::Tensor> w_hr_c =
-      has_proj ? std::optional<at::Tensor>(w_hr->contiguous()) : std::nullopt;
 
-  if (T > 0 && B > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_fused_backward_cuda",
-                                    [&] {
-      backward_steps<scalar_t>(s, grad_y.contiguous(), c0.to(acc_options).contiguous(),
-                               w_hh.contiguous(), w_hr_c, gates.contiguous(), cells.contiguous(),
-                               lengths_c, reverse, grad_h, grad_c, grad_gates, grad_proj_out,
-                               hidden_all);
+  if (s.seq_len > 0 && s.batch > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                    "lstm_fused_backward_cuda", [&] {
+      const at::Tensor grad_y_c = grad_y.contiguous();
+      const CudaPath path =
+          choose_path<scalar_t>(s, 1, /*backward=*/true, w_hr.has_value(), lengths.has_value());
+      bool done = false;
+      if (path.persistent) {
+        done = run_persistent_backward<scalar_t>(s, path.layout, d, grad_y_c, s.output_size,
+                                                 lengths_c);
+        if (!done) warn_persistent_refused();
+      }
+      if (!done) {
+        const std::optional<at::Tensor> w_hr_c =
+            w_hr.has_value() ? std::optional<at::Tensor>(d[0].w_hr) : std::nullopt;
+        backward_steps<scalar_t>(s, grad_y_c, d[0].c0, d[0].w_hh, w_hr_c, d[0].gates, d[0].cells,
+                                 lengths_c, reverse, d[0].grad_h, d[0].grad_c, d[0].grad_gates,
+                                 d[0].grad_proj_out, d[0].hidden_all);
+      }
     });
   }
-  // The GEMMs over all steps run in x's dtype (float32 accumulation inside cuBLAS).
-  return gradients_over_steps(s, grad_gates.to(dtype), x, h0, w_ih, y,
-                              has_proj ? grad_proj_out.to(dtype) : at::Tensor(), hidden_all,
-                              grad_h.to(dtype), grad_c.to(dtype), reverse, has_bias);
+  return backward_result(s, d[0], x, h0, w_ih, y, has_bias);
+}
+
+// ---- Both directions of a layer ----------------------------------------------------------------
+
+BidirectionalForwardResult bidirectional_forward_cuda(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, const std::optional<at::Tensor>& lengths,
+    bool training) {
+  const LstmSizes s =
+      check_bidirectional_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse,
+                               w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse, lengths);
+  check_cuda_sizes(s);
+  DeviceGuard guard(x.device());
+  const int64_t P = s.output_size;
+  std::optional<BidirectionalForwardResult> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_bidirectional_forward_cuda", [&] {
+    const CudaPath path =
+        choose_path<scalar_t>(s, 2, /*backward=*/false, w_hr.has_value(), lengths.has_value());
+    if (!path.persistent) return;
+    const std::vector<ForwardDirection> d{
+        forward_direction(s, x, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, w_hr, false, training),
+        forward_direction(s, x, h0[1], c0[1], w_ih_reverse, w_hh_reverse, b_ih_reverse,
+                          b_hh_reverse, w_hr_reverse, true, training)};
+    at::Tensor y = at::empty({s.seq_len, s.batch, 2 * P}, x.options());
+    const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+    if (!run_persistent_forward<scalar_t>(s, path.layout, d, y, 2 * P, lengths_c, training)) {
+      warn_persistent_refused();
+      return;
+    }
+    auto [y_f, h_n, c_n, gates, cells] = forward_result(s, y.narrow(2, 0, P), d[0].cells,
+                                                        d[0].gates, x, h0[0], c0[0], false,
+                                                        training);
+    auto [y_r, h_n_r, c_n_r, gates_r, cells_r] = forward_result(
+        s, y.narrow(2, P, P), d[1].cells, d[1].gates, x, h0[1], c0[1], true, training);
+    result = BidirectionalForwardResult{y, at::stack({h_n, h_n_r}), at::stack({c_n, c_n_r}),
+                                        gates, cells, gates_r, cells_r};
+  });
+  if (result.has_value()) return *result;
+  return bidirectional_forward_by_direction(LSTM_FUSED_OPS_NAME, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                            w_hr, w_ih_reverse, w_hh_reverse, b_ih_reverse,
+                                            b_hh_reverse, w_hr_reverse, lengths, training);
+}
+
+BidirectionalBackwardResult bidirectional_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& w_ih_reverse,
+    const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& gates_reverse, const at::Tensor& cells_reverse,
+    bool has_bias) {
+  const LstmSizes s = check_bidirectional_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt,
+                                               w_hr, w_ih_reverse, w_hh_reverse, std::nullopt,
+                                               std::nullopt, w_hr_reverse, lengths);
+  const int64_t P = s.output_size;
+  // The checks of each direction's backward (the shapes of the gradients and the saved state).
+  TORCH_CHECK(grad_y.dim() == 3 && grad_y.size(2) == 2 * P && y.dim() == 3 && y.size(2) == 2 * P &&
+                  grad_h_n.dim() == 3 && grad_h_n.size(0) == 2 && grad_c_n.dim() == 3 &&
+                  grad_c_n.size(0) == 2,
+              "lstm_fused: the two-direction backward takes grad_y and y [T, B, 2P], grad_h_n "
+              "[2, B, P] and grad_c_n [2, B, H], got shapes ", grad_y.sizes(), ", ", y.sizes(),
+              ", ", grad_h_n.sizes(), " and ", grad_c_n.sizes());
+  check_backward_args(grad_y.narrow(2, 0, P), grad_h_n[0], grad_c_n[0], x, h0[0], c0[0], w_ih,
+                      w_hh, w_hr, lengths, y.narrow(2, 0, P), gates, cells);
+  check_backward_args(grad_y.narrow(2, P, P), grad_h_n[1], grad_c_n[1], x, h0[1], c0[1],
+                      w_ih_reverse, w_hh_reverse, w_hr_reverse, lengths, y.narrow(2, P, P),
+                      gates_reverse, cells_reverse);
+  check_cuda_sizes(s);
+  DeviceGuard guard(x.device());
+  std::optional<BidirectionalBackwardResult> result;
+  if (s.seq_len > 0 && s.batch > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                    "lstm_fused_bidirectional_backward_cuda", [&] {
+      const CudaPath path =
+          choose_path<scalar_t>(s, 2, /*backward=*/true, w_hr.has_value(), lengths.has_value());
+      if (!path.persistent) return;
+      std::vector<BackwardDirection> d{
+          backward_direction(s, x, grad_h_n[0], grad_c_n[0], c0[0], w_hh, w_hr, gates, cells,
+                             false),
+          backward_direction(s, x, grad_h_n[1], grad_c_n[1], c0[1], w_hh_reverse, w_hr_reverse,
+                             gates_reverse, cells_reverse, true)};
+      const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+      if (!run_persistent_backward<scalar_t>(s, path.layout, d, grad_y.contiguous(), 2 * P,
+                                             lengths_c)) {
+        warn_persistent_refused();
+        return;
+      }
+      auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+          backward_result(s, d[0], x, h0[0], w_ih, y.narrow(2, 0, P), has_bias);
+      auto [grad_x_r, grad_h0_r, grad_c0_r, grad_w_ih_r, grad_w_hh_r, grad_bias_r, grad_w_hr_r] =
+          backward_result(s, d[1], x, h0[1], w_ih_reverse, y.narrow(2, P, P), has_bias);
+      result = BidirectionalBackwardResult{
+          grad_x.add_(grad_x_r), at::stack({grad_h0, grad_h0_r}), at::stack({grad_c0, grad_c0_r}),
+          grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_w_ih_r, grad_w_hh_r, grad_bias_r,
+          grad_w_hr_r};
+    });
+  }
+  if (result.has_value()) return *result;
+  return bidirectional_backward_by_direction(LSTM_FUSED_OPS_NAME, grad_y, grad_h_n, grad_c_n, x,
+                                             h0, c0, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse,
+                                             w_hr_reverse, lengths, y, gates, cells, gates_reverse,
+                                             cells_reverse, has_bias);
 }
 
 }  // namespace
@@ -376,6 +837,22 @@ BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_
 TORCH_LIBRARY(lstm_fused_emulated, m) {
   m.def(lstm_fused::kForwardSchema);
   m.def(lstm_fused::kBackwardSchema);
+  m.def(lstm_fused::kBidirectionalForwardSchema);
+  m.def(lstm_fused::kBidirectionalBackwardSchema);
+  // The emulated device that the persistent kernel is planned for and launched on.
+  m.def("set_emulated_device(int multiprocessors, int shared_bytes_per_block, "
+        "bool cooperative_launch, int coresident_block_limit, bool capturing, "
+        "int runtime_version) -> ()",
+        [](int64_t multiprocessors, int64_t shared_bytes_per_block, bool cooperative_launch,
+           int64_t coresident_block_limit, bool capturing, int64_t runtime_version) {
+          cuda_emulation::DeviceModel& model = cuda_emulation::device_model();
+          model.multiprocessors = static_cast<int>(multiprocessors);
+          model.shared_bytes_per_block_optin = static_cast<int>(shared_bytes_per_block);
+          model.cooperative_launch = cooperative_launch;
+          model.coresident_block_limit = static_cast<int>(coresident_block_limit);
+          model.capturing = capturing;
+          model.runtime_version = static_cast<int>(runtime_version);
+        });
   // Kernel launches so far on this thread, so that tests can count launches per step.
   m.def("launch_count() -> int",
         []() -> int64_t { return static_cast<int64_t>(cuda_emulation::launch_count()); });
@@ -386,4 +863,6 @@ TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
 #endif
   m.impl("forward", &lstm_fused::forward_cuda);
   m.impl("backward", &lstm_fused::backward_cuda);
+  m.impl("bidirectional_forward", &lstm_fused::bidirectional_forward_cuda);
+  m.impl("bidirectional_backward", &lstm_fused::bidirectional_backward_cuda);
 }
