@@ -1,4 +1,4 @@
-"""One LSTM layer in one direction, through the torch.ops.lstm_fused ops."""
+"""One LSTM layer, one direction or both, through the torch.ops.lstm_fused ops."""
 from typing import Optional, Tuple
 
 import torch
@@ -16,6 +16,11 @@ def _autocast(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will need the op's activations (torch.compile guards on what it reads)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lstm(
@@ -65,4 +70,48 @@ def lstm(
     if lengths is not None:
         # The op's y holds the carried state at padded steps; the padded outputs are zeros.
         output = zero_padded_steps(output, lengths)
+    return output, (h_n, c_n)
+
+
+def lstm_bidirectional(
+    input: Tensor,
+    hx: Optional[Tuple[Tensor, Tensor]],
+    weights: Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]],
+    weights_reverse: Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]],
+    *,
+    lengths: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """Both directions of one bidirectional LSTM layer in one op: on CUDA one persistent launch
+    where the two directions' weights fit on chip together.
+
+    The same as lstm(...) for the forward direction and lstm(..., reverse=True) for the reverse
+    one, with the states and outputs of both stacked:
+      hx: (h_0 [2, B, P], c_0 [2, B, H]), the forward direction's first, or None for zeros
+      weights, weights_reverse: (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of each
+    Returns (output [T, B, 2P] (the forward direction's P columns first), (h_n [2, B, P],
+    c_n [2, B, H])).
+    """
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r = weights_reverse
+    hidden_size = w_hh.shape[0] // 4
+    output_size = w_hh.shape[1]
+    if hx is None:
+        batch = input.shape[1] if input.dim() == 3 else 0
+        h0 = input.new_zeros(2, batch, output_size)
+        c0 = input.new_zeros(2, batch, hidden_size)
+    else:
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError("lstm_fused.lstm_bidirectional: hx must be a pair (h_0, c_0) of "
+                            "tensors or None")
+        h0, c0 = hx
+    tensors = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r,
+                        b_hh_r, w_hr_r)
+    training = _needs_grad(*tensors)
+    output, h_n, c_n, _, _, _, _ = torch.ops.lstm_fused.bidirectional_forward(
+        *tensors, lengths, training)
+    if lengths is not None:
+        # The op carries the last state through padded steps; the padded outputs are zeros.
+        steps = torch.arange(output.shape[0], device=output.device)
+        padded = steps[:, None] >= lengths[None, :]
+        output = output.masked_fill(padded[:, :, None], 0.0)
     return output, (h_n, c_n)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ._padding import zero_padded_steps
-from .functional import lstm
+from .functional import lstm, lstm_bidirectional
 
 
 class LSTM(nn.RNNBase):
@@ -161,29 +161,37 @@ class LSTM(nn.RNNBase):
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for layer in range(self.num_layers):
-            outputs: List[Tensor] = []
-            for direction in range(num_directions):
-                index = layer * num_directions + direction
-                if torch.jit.is_scripting():
-                    output, h, c = self._scripted_layer(sequence, h0[index], c0[index], index,
-                                                        direction == 1, lengths)
-                else:
-                    suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
-                    output, (h, c) = lstm(
-                        sequence,
-                        (h0[index], c0[index]),
-                        getattr(self, "weight_ih" + suffix),
-                        getattr(self, "weight_hh" + suffix),
-                        getattr(self, "bias_ih" + suffix) if self.bias else None,
-                        getattr(self, "bias_hh" + suffix) if self.bias else None,
-                        getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
-                        reverse=direction == 1,
-                        lengths=lengths,
-                    )
-                outputs.append(output)
-                h_n.append(h)
-                c_n.append(c)
-            sequence = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            if not torch.jit.is_scripting() and self.bidirectional and _both_directions_in_one_op():
+                states = slice(2 * layer, 2 * layer + 2)
+                sequence, (h, c) = lstm_bidirectional(
+                    sequence, (h0[states], c0[states]), self._layer_weights(layer, ""),
+                    self._layer_weights(layer, "_reverse"), lengths=lengths)
+                h_n.extend(h.unbind(0))
+                c_n.extend(c.unbind(0))
+            else:
+                outputs: List[Tensor] = []
+                for direction in range(num_directions):
+                    index = layer * num_directions + direction
+                    if torch.jit.is_scripting():
+                        output, h, c = self._scripted_layer(sequence, h0[index], c0[index], index,
+                                                            direction == 1, lengths)
+                    else:
+                        suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
+                        output, (h, c) = lstm(
+                            sequence,
+                            (h0[index], c0[index]),
+                            getattr(self, "weight_ih" + suffix),
+                            getattr(self, "weight_hh" + suffix),
+                            getattr(self, "bias_ih" + suffix) if self.bias else None,
+                            getattr(self, "bias_hh" + suffix) if self.bias else None,
+                            getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
+                            reverse=direction == 1,
+                            lengths=lengths,
+                        )
+                    outputs.append(output)
+                    h_n.append(h)
+                    c_n.append(c)
+                sequence = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 sequence = F.dropout(sequence, self.dropout, training=True)
         return sequence, torch.stack(h_n), torch.stack(c_n)
@@ -202,6 +210,22 @@ class LSTM(nn.RNNBase):
         if lengths is not None:
             output = zero_padded_steps(output, lengths)
         return output, h_n, c_n
+
+    def _layer_weights(self, layer: int, direction: str):
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of a layer; direction is "" or
+        "_reverse"."""
+        suffix = f"_l{layer}{direction}"
+        return (getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix),
+                getattr(self, "bias_ih" + suffix) if self.bias else None,
+                getattr(self, "bias_hh" + suffix) if self.bias else None,
+                getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None)
+
+
+def _both_directions_in_one_op() -> bool:
+    """Both directions of a bidirectional layer in one op (one CUDA launch where they fit on chip
+    together), except where a trace or an exporter records the ops: they translate the
+    one-direction ones."""
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
 def replace_lstm(module: nn.Module) -> nn.Module:

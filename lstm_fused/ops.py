@@ -167,3 +167,95 @@ def _backward_backward(ctx, *grad_grads):
 
 torch.library.register_autograd(
     "lstm_fused::backward", _backward_backward, setup_context=_backward_setup_context)
+
+
+# Both directions of a bidirectional layer in one op (one CUDA launch where the persistent kernel
+# holds both): the forward direction's arguments, then the reverse one's (*_reverse); h0 [2, B, P]
+# and c0 [2, B, H] stack the two states, y [T, B, 2P] holds both outputs side by side.
+@torch.library.register_fake("lstm_fused::bidirectional_forward")
+def _bidirectional_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse,
+                                w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse, lengths,
+                                training):
+    _check_devices(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_reverse,
+                   b_ih_reverse, b_hh_reverse, w_hr_reverse, lengths)
+    seq_len, batch, hidden_size, output_size = _sizes(x, w_hh)
+    y = x.new_empty(seq_len, batch, 2 * output_size)
+    h_n = x.new_empty(2, batch, output_size)
+    c_n = x.new_empty(2, batch, hidden_size)
+    saved = []
+    for _ in range(2):
+        if training:
+            options = dict(dtype=_saved_dtype(x.dtype))
+            saved += [x.new_empty(seq_len, batch, 4 * hidden_size, **options),
+                      x.new_empty(seq_len, batch, hidden_size, **options)]
+        else:
+            saved += [x.new_empty(0), x.new_empty(0)]
+    return (y, h_n, c_n, *saved)
+
+
+@torch.library.register_fake("lstm_fused::bidirectional_backward")
+def _bidirectional_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+                                 w_ih_reverse, w_hh_reverse, w_hr_reverse, lengths, y, gates,
+                                 cells, gates_reverse, cells_reverse, has_bias):
+    _check_devices(x, grad_y, grad_h_n, grad_c_n, h0, c0, w_ih, w_hh, w_hr, w_ih_reverse,
+                   w_hh_reverse, w_hr_reverse, lengths, y, gates, cells, gates_reverse,
+                   cells_reverse)
+    _, _, hidden_size, output_size = _sizes(x, w_hh)
+
+    def weights(w_ih, w_hh, w_hr):
+        grad_bias = x.new_empty(4 * hidden_size) if has_bias else x.new_empty(0)
+        grad_w_hr = x.new_empty(output_size, hidden_size) if w_hr is not None else x.new_empty(0)
+        return (torch.empty_like(w_ih, memory_format=torch.contiguous_format),
+                torch.empty_like(w_hh, memory_format=torch.contiguous_format),
+                grad_bias, grad_w_hr)
+
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(h0, memory_format=torch.contiguous_format),
+            torch.empty_like(c0, memory_format=torch.contiguous_format),
+            *weights(w_ih, w_hh, w_hr), *weights(w_ih_reverse, w_hh_reverse, w_hr_reverse))
+
+
+def _bidirectional_setup_context(ctx, inputs, output):
+    (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_reverse, b_ih_reverse,
+     b_hh_reverse, w_hr_reverse, lengths, training) = inputs
+    y, _, _, gates, cells, gates_reverse, cells_reverse = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse, w_hr_reverse,
+                          lengths, y, gates, cells, gates_reverse, cells_reverse)
+    ctx.training = training
+    ctx.bias_given = (b_ih is not None, b_hh is not None, b_ih_reverse is not None,
+                      b_hh_reverse is not None)
+    ctx.mark_non_differentiable(gates, cells, gates_reverse, cells_reverse)
+    ctx.set_materialize_grads(False)
+
+
+def _bidirectional_backward(ctx, grad_y, grad_h_n, grad_c_n, *_grad_saved):
+    if not ctx.training:
+        raise RuntimeError(
+            "lstm_fused: backward through lstm_fused::bidirectional_forward called with "
+            "training=False, which keeps no activations; call it with training=True when "
+            "gradients are needed")
+    (x, h0, c0, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse, w_hr_reverse, lengths, y, gates,
+     cells, gates_reverse, cells_reverse) = ctx.saved_tensors
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_w_ih_reverse,
+     grad_w_hh_reverse, grad_bias_reverse, grad_w_hr_reverse) = (
+        torch.ops.lstm_fused.bidirectional_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse,
+            w_hr_reverse, lengths, y, gates, cells, gates_reverse, cells_reverse,
+            any(ctx.bias_given)))
+    given = ctx.bias_given
+    return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
+            grad_bias if given[0] else None, grad_bias if given[1] else None,
+            grad_w_hr if w_hr is not None else None,
+            grad_w_ih_reverse, grad_w_hh_reverse,
+            grad_bias_reverse if given[2] else None, grad_bias_reverse if given[3] else None,
+            grad_w_hr_reverse if w_hr_reverse is not None else None, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_fused::bidirectional_forward", _bidirectional_backward,
+    setup_context=_bidirectional_setup_context)
+torch.library.register_autograd(
+    "lstm_fused::bidirectional_backward", _double_backward, setup_context=_backward_setup_context)

@@ -19,7 +19,7 @@ _PATHS = {
     # float16/bfloat16 run step_medium and step_large on tensor cores (sm_80+).
     # persistent: one cooperative launch for the whole sequence, each block keeping its slice of
     #             W_hh on chip (the default where it fits and its cost model expects it faster;
-    #             forced where it cannot run, it warns why and the step kernels run)
+    #             forced where it cannot run, an error says why)
     "cuda": ["step_small", "step_medium", "step_large", "persistent"],
 }
 

@@ -263,10 +263,12 @@ struct CudaPath {
 
 // The one place that picks the CUDA kernel path: the persistent kernel (one launch for the whole
 // sequence) where it can run and lstm_persistent.cu's cost model expects it to beat the fused-step
-// kernels, else those (with step_tile()'s tile). LSTM_FUSED_PATH forces either. A forced
-// persistent kernel that cannot run here (the weights beyond the device's on-chip memory, no
-// cooperative launches, graph capture on CUDA 11) warns why and the fused-step kernels run; for
-// both directions at once it stays silent, since each direction then chooses by itself.
+// kernels, else those (with step_tile()'s tile). LSTM_FUSED_PATH forces either, for tests and
+// benchmarks: a forced persistent kernel that cannot run here (the weights beyond the device's
+// on-chip memory, no cooperative launches, graph capture on CUDA 11) is an error that says why,
+// rather than a measurement of another kernel under its name. For both directions at once a
+// persistent kernel that cannot hold them falls back to one direction at a time, each of which
+// chooses (and errs) by itself.
 template <typename scalar_t>
 CudaPath choose_path(const LstmSizes& s, int directions, bool backward, bool projection,
                      bool has_lengths) {
@@ -296,10 +298,10 @@ CudaPath choose_path(const LstmSizes& s, int directions, bool backward, bool pro
     if (!plan.feasible) why = plan.reason;
   }
   if (!why.empty()) {
-    if (is_forced && directions == 1) {
-      TORCH_WARN("lstm_fused: the persistent kernel was forced (LSTM_FUSED_PATH=persistent) but "
-                 "cannot run here: ", why, "; the fused-step kernels run instead");
-    }
+    TORCH_CHECK(!is_forced || directions == 2,
+                "lstm_fused: the persistent kernel was forced (LSTM_FUSED_PATH=persistent) but "
+                "cannot run here: ", why, ". Force a step_* path, or use auto, which picks the "
+                "fused-step kernels here");
     return path;
   }
   if (!is_forced && !(plan.estimated_step_us <
@@ -312,17 +314,19 @@ CudaPath choose_path(const LstmSizes& s, int directions, bool backward, bool pro
 }
 
 // After the device refused a persistent launch (cudaErrorCooperativeLaunchTooLarge: fewer of its
-// blocks fit at once than the occupancy promised, as under an MPS limit on multiprocessors).
-void warn_persistent_refused() {
-  constexpr const char* kMessage =
-      "lstm_fused: the device refused the cooperative launch of the persistent kernel (fewer of "
-      "its blocks fit on the device at once than its occupancy promises, as under an MPS limit "
-      "on the multiprocessors a process may use); the fused-step kernels run instead";
-  if (forced_path() == ForcedPath::kPersistent) {
-    TORCH_WARN(kMessage);
-  } else {
-    TORCH_WARN_ONCE(kMessage);
-  }
+// blocks fit at once than the occupancy promised, as under an MPS limit on multiprocessors): the
+// fused-step kernels run instead, with a warning (once), or an error where the kernel was forced.
+// Both directions at once fall back to one at a time silently (each chooses by itself).
+void persistent_refused(int directions) {
+  constexpr const char* kWhy =
+      "the device refused the cooperative launch of the persistent kernel (fewer of its blocks "
+      "fit on the device at once than its occupancy promises, as under an MPS limit on the "
+      "multiprocessors a process may use)";
+  if (directions == 2) return;
+  TORCH_CHECK(forced_path() != ForcedPath::kPersistent,
+              "lstm_fused: the persistent kernel was forced (LSTM_FUSED_PATH=persistent) but ",
+              kWhy);
+  TORCH_WARN_ONCE("lstm_fused: ", kWhy, "; the fused-step kernels run instead");
 }
 
 // ---- One direction's buffers -------------------------------------------------------------------
@@ -596,7 +600,7 @@ ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::
     if (path.persistent) {
       done = run_persistent_forward<scalar_t>(s, path.layout, {d}, y, s.output_size, lengths_c,
                                               training);
-      if (!done) warn_persistent_refused();
+      if (!done) persistent_refused(1);
     }
     if (!done) {
       forward_steps<scalar_t>(s, d.input_gates, d.bias, d.h0, d.c0, d.w_hh, w_hr, lengths_c,
@@ -709,7 +713,7 @@ BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_
       if (path.persistent) {
         done = run_persistent_backward<scalar_t>(s, path.layout, d, grad_y_c, s.output_size,
                                                  lengths_c);
-        if (!done) warn_persistent_refused();
+        if (!done) persistent_refused(1);
       }
       if (!done) {
         const std::optional<at::Tensor> w_hr_c =
@@ -752,7 +756,7 @@ BidirectionalForwardResult bidirectional_forward_cuda(
     at::Tensor y = at::empty({s.seq_len, s.batch, 2 * P}, x.options());
     const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
     if (!run_persistent_forward<scalar_t>(s, path.layout, d, y, 2 * P, lengths_c, training)) {
-      warn_persistent_refused();
+      persistent_refused(2);
       return;
     }
     auto [y_f, h_n, c_n, gates, cells] = forward_result(s, y.narrow(2, 0, P), d[0].cells,
@@ -810,7 +814,7 @@ BidirectionalBackwardResult bidirectional_backward_cuda(
       const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
       if (!run_persistent_backward<scalar_t>(s, path.layout, d, grad_y.contiguous(), 2 * P,
                                              lengths_c)) {
-        warn_persistent_refused();
+        persistent_refused(2);
         return;
       }
       auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
@@ -852,6 +856,33 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
           model.coresident_block_limit = static_cast<int>(coresident_block_limit);
           model.capturing = capturing;
           model.runtime_version = static_cast<int>(runtime_version);
+        });
+  // The persistent kernel's plan on the emulated device, and the cost model's estimates.
+  m.def("persistent_plan(ScalarType dtype, int batch, int hidden_size, int output_size, "
+        "int directions, bool projection, bool backward, bool tensor_cores) -> (bool feasible, "
+        "str reason, int blocks_per_direction, int staged_rows, int shared_bytes, "
+        "float estimated_step_us, float step_kernels_us)",
+        [](at::ScalarType dtype, int64_t batch, int64_t hidden_size, int64_t output_size,
+           int64_t directions, bool projection, bool backward, bool tensor_cores) {
+          const lstm_fused::cuda::PersistentProblem problem{
+              2, static_cast<int>(batch), static_cast<int>(hidden_size),
+              static_cast<int>(output_size), static_cast<int>(directions), projection, backward,
+              tensor_cores};
+          const lstm_fused::cuda::PersistentDevice device = lstm_fused::persistent_device();
+          lstm_fused::cuda::PersistentPlan plan{};
+          int element_bytes = 0;
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_plan", [&] {
+            using T = typename lstm_fused::KernelType<scalar_t>::type;
+            plan = lstm_fused::cuda::plan_persistent<T>(problem, device);
+            element_bytes = sizeof(T);
+          });
+          return std::make_tuple(plan.feasible, std::string(plan.reason),
+                                 static_cast<int64_t>(plan.layout.blocks_per_direction),
+                                 static_cast<int64_t>(plan.layout.staged_rows),
+                                 static_cast<int64_t>(plan.layout.shared_bytes),
+                                 plan.estimated_step_us,
+                                 lstm_fused::cuda::estimate_step_kernels_us(problem, device,
+                                                                            element_bytes, false));
         });
   // Kernel launches so far on this thread, so that tests can count launches per step.
   m.def("launch_count() -> int",

@@ -6,7 +6,7 @@
 // W_hh, or of W_hr with a projection, backward) or projection outputs (rows of W_hr forward,
 // columns of W_hh backward). The block's slice R [m x K] of the weights is loaded once and stays on
 // chip: on tensor cores in 16 x FK fragments (FK = 16, or 8 for TF32), the first
-// kRegisterFragments of each warp's fragments in registers and the rest in shared memory; on the
+// 16 (backward 12) of each warp's fragments in registers and the rest in shared memory; on the
 // scalar path row by row in shared memory. Per phase of a step a block multiplies R by the
 // operand X [B x K] (h_{t-1}, o * tanh(c_t), dL/dz or grad_y + dL/dh) that the previous phase of
 // every block left in an exchange buffer in global memory, into partial sums in shared memory
@@ -57,9 +57,12 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kCells = 8;               // (row, column) pairs a thread owns per phase
 constexpr int kBatchGroup = 4;          // scalar: batch rows sharing one weight load
-constexpr int kRegisterFragments = 16;  // tensor cores: a warp's weight fragments in registers
-constexpr int kFragmentRowBytes = 48;   // 16 halves or 8 floats and 16 bytes: no bank conflicts
-constexpr int kFragmentBytes = 16 * kFragmentRowBytes;
+// Tensor cores: a warp's weight fragments held in registers (4 registers each), fewer backward,
+// whose per-pair state takes more.
+constexpr int kForwardRegisterFragments = 16;
+constexpr int kBackwardRegisterFragments = 12;
+constexpr int kPaddedFragmentRowBytes = 48;  // 16 halves or 8 floats and 16 bytes of padding
+constexpr int kFragmentBytes = 16 * kPaddedFragmentRowBytes;  // the largest
 constexpr int kAlign = 128;
 
 template <typename T>
@@ -189,13 +192,16 @@ template <typename T>
 using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, kFragmentK<T>, float>;
 
 // The weight fragments a warp keeps in registers for the whole sequence.
-template <typename T>
+template <typename T, int N>
 struct TensorRegisters {
-  FragmentA<T> a[kRegisterFragments];
+  static constexpr int kCount = N;
+  FragmentA<T> a[N];
 };
 #else
-template <typename T>
-struct TensorRegisters {};  // no tensor-core code below sm_80: the launchers never pick it
+template <typename T, int N>
+struct TensorRegisters {  // no tensor-core code below sm_80: the launchers never pick it
+  static constexpr int kCount = N;
+};
 #endif
 
 // Loads a phase's weight slice into shared memory (and, for the first phase on tensor cores,
@@ -218,7 +224,7 @@ __device__ void load_resident(const PersistentPhase& ph, const PersistentLayout&
   } else {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     constexpr int FK = kFragmentK<T>;
-    constexpr int LDF = kFragmentRowBytes / static_cast<int>(sizeof(T));
+    const int LDF = ph.fragment_ld;
     const T zero = from_acc<T>(0.0f);
     T* const base = reinterpret_cast<T*>(smem + ph.resident_offset);
     const int in_shared = ph.warp_fragments - ph.register_fragments;
@@ -239,7 +245,7 @@ __device__ void load_resident(const PersistentPhase& ph, const PersistentLayout&
       T* const scratch =
           reinterpret_cast<T*>(smem + layout.partial_offset) + warp * 16 * LDF;
 #pragma unroll
-      for (int i = 0; i < kRegisterFragments; ++i) {
+      for (int i = 0; i < Registers::kCount; ++i) {
         if (i < ph.register_fragments) {
           int mf, kf;
           const bool used = fragment_of(ph, warp, i, &mf, &kf);
@@ -320,7 +326,7 @@ __device__ void tensor_product(const PersistentPhase& ph, const PersistentLayout
                                int x_ld) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int FK = kFragmentK<T>;
-  constexpr int LDF = kFragmentRowBytes / static_cast<int>(sizeof(T));
+  const int LDF = ph.fragment_ld;
   const int warp = threadIdx.x / 32;
   float* const partial = reinterpret_cast<float*>(smem + layout.partial_offset);
   const int in_shared = ph.warp_fragments - ph.register_fragments;
@@ -338,7 +344,7 @@ __device__ void tensor_product(const PersistentPhase& ph, const PersistentLayout
       const T* const xn = x + static_cast<int64_t>(nf) * 16 * x_ld + k_begin * FK;
       if constexpr (kWithRegisters) {
 #pragma unroll
-        for (int i = 0; i < kRegisterFragments; ++i) {
+        for (int i = 0; i < Registers::kCount; ++i) {
           if (i < ph.register_fragments && i < count) {
             FragmentB<T> b;
             wmma::load_matrix_sync(b, xn + i * FK, x_ld);
@@ -583,7 +589,7 @@ template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_forward_kernel(const ForwardLaunch<T> launch) {
   if constexpr (kTensorCores) {
-    forward_body<T, true, TensorRegisters<T>>(launch);
+    forward_body<T, true, TensorRegisters<T, kForwardRegisterFragments>>(launch);
   } else {
     forward_body<T, false, NoRegisters>(launch);
   }
@@ -748,7 +754,7 @@ template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_backward_kernel(const BackwardLaunch<T> launch) {
   if constexpr (kTensorCores) {
-    backward_body<T, true, TensorRegisters<T>>(launch);
+    backward_body<T, true, TensorRegisters<T, kBackwardRegisterFragments>>(launch);
   } else {
     backward_body<T, false, NoRegisters>(launch);
   }
@@ -761,7 +767,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // benchmarks/bench_lstm.py times both paths for calibration.
 constexpr double kGridBarrierUs = 1.3;      // a cooperative grid sync, any block count (measured)
 constexpr double kLaunchUs = 4.0;           // an empty kernel launch back to back (measured)
-constexpr double kPhaseLatencyUs = 1.0;     // L2 round trips per phase: operand, inputs, outputs
+constexpr double kPhaseLatencyUs = 0.6;     // L2 round trips per phase: operand, then outputs
 constexpr double kL2BytesPerUs = 5.0e6;     // aggregate L2 bandwidth
 constexpr double kL2BytesPerUsPerSm = 1.0e5;      // one multiprocessor's share
 constexpr double kSharedBytesPerUsPerSm = 2.0e5;  // 128 bytes per cycle
@@ -790,15 +796,18 @@ double estimate_persistent_us(const PersistentLayout& layout, int batch) {
     if (tc) {
       const double n_fragments = layout.batch_padded / 16;
       compute = static_cast<double>(ph.m) * layout.batch_padded * ph.k / tensor_rate<T>();
-      shared = static_cast<double>(ph.m) * ph.k * sizeof(T) * n_fragments *
+      // Unpadded fragment rows are read with two-way bank conflicts.
+      const double conflicts = ph.fragment_ld == kFragmentK<T> ? 2.0 : 1.0;
+      shared = static_cast<double>(ph.m) * ph.k * sizeof(T) * n_fragments * conflicts *
                (1.0 - static_cast<double>(ph.register_fragments) /
                           std::max(1, ph.warp_fragments)) / kSharedBytesPerUsPerSm;
     } else {
       const double groups = ceil_div(batch, kBatchGroup);
-      compute = static_cast<double>(ph.m) * groups * kBatchGroup * ph.k / fma_rate<T>();
-      // Each weight chunk once per batch group, and the staged operand once per row of R.
+      compute = static_cast<double>(ph.m) * batch * ph.k / fma_rate<T>();
+      // Each weight chunk once per batch group; the staged operand once per row of R, but
+      // broadcast to the 32 / k_split rows that a warp's lanes read at once.
       shared = (static_cast<double>(ph.m) * ph.k * sizeof(T) * groups +
-                static_cast<double>(ph.m) * batch * ph.k * sizeof(acc_t<T>)) /
+                static_cast<double>(ph.m) * batch * ph.k * sizeof(acc_t<T>) * ph.k_split / 32) /
                kSharedBytesPerUsPerSm;
     }
     const int stages = tc ? 1 : ceil_div(batch, std::max(1, layout.staged_rows));
@@ -836,9 +845,13 @@ void set_reason(char (&reason)[256], const char* format, ...) {
 }
 
 // The layout with `blocks` blocks per direction; false (and why) if it does not fit.
+// Layouts: scalar, or on tensor cores with padded or (denser, slower) unpadded fragment rows.
+enum class Storage { kScalar, kPaddedFragments, kDenseFragments };
+
 template <typename T>
-bool make_layout(const PersistentProblem& pr, int blocks, bool tc, const PersistentDevice& device,
-                 PersistentLayout* out, char (&reason)[256]) {
+bool make_layout(const PersistentProblem& pr, int blocks, Storage storage,
+                 const PersistentDevice& device, PersistentLayout* out, char (&reason)[256]) {
+  const bool tc = storage != Storage::kScalar;
   using Acc = acc_t<T>;
   PersistentLayout layout{};
   layout.tensor_cores = tc;
@@ -871,7 +884,8 @@ bool make_layout(const PersistentProblem& pr, int blocks, bool tc, const Persist
       if (ph.m_fragments <= kWarps) {
         ph.warp_k_split = std::max(1, std::min(kWarps / ph.m_fragments, ph.k_fragments));
         ph.warp_fragments = ceil_div(ph.k_fragments, ph.warp_k_split);
-        ph.register_fragments = p == 0 ? std::min(kRegisterFragments, ph.warp_fragments) : 0;
+        const int registers = pr.backward ? kBackwardRegisterFragments : kForwardRegisterFragments;
+        ph.register_fragments = p == 0 ? std::min(registers, ph.warp_fragments) : 0;
         warps = ph.m_fragments * ph.warp_k_split;
       } else {
         ph.warp_k_split = 1;
@@ -880,7 +894,11 @@ bool make_layout(const PersistentProblem& pr, int blocks, bool tc, const Persist
         warps = kWarps;
       }
       ph.partial_splits = ph.warp_k_split;
-      bytes = warps * (ph.warp_fragments - ph.register_fragments) * kFragmentBytes;
+      ph.fragment_ld = storage == Storage::kPaddedFragments
+                           ? kPaddedFragmentRowBytes / static_cast<int>(sizeof(T))
+                           : kFragmentK<T>;
+      bytes = warps * (ph.warp_fragments - ph.register_fragments) * 16 * ph.fragment_ld *
+              static_cast<int>(sizeof(T));
     } else {
       constexpr int V = 16 / static_cast<int>(sizeof(T));
       const int chunks = ceil_div(ph.k, V);
@@ -1013,16 +1031,27 @@ PersistentPlan plan_persistent(const PersistentProblem& pr, const PersistentDevi
                pr.directions);
     return plan;
   }
+  // Where tensor cores may be used, the scalar layout (exact float32 for TF32) is the fallback
+  // for weights beyond what the tensor-core layouts hold; the cost model picks among those that
+  // fit (the last one's reason says why none does).
   const bool tc = pr.tensor_cores && kTensorCoreType<T>;
+  const Storage storages[] = {Storage::kPaddedFragments, Storage::kDenseFragments,
+                              Storage::kScalar};
   const int widest = std::max(pr.hidden_size, pr.projection ? pr.output_size : 0);
   double best = std::numeric_limits<double>::infinity();
-  for (int blocks = 1; blocks <= std::min(per_direction, widest); ++blocks) {
-    PersistentLayout layout;
-    if (!make_layout<T>(pr, blocks, tc, device, &layout, plan.reason)) continue;
-    const double estimate = estimate_persistent_us<T>(layout, pr.batch);
-    if (estimate < best) {
-      best = estimate;
-      plan.layout = layout;
+  for (int option = tc ? 0 : 2; option < 3; ++option) {
+    const Storage storage = storages[option];
+    if (storage == Storage::kScalar && tc && best < std::numeric_limits<double>::infinity()) {
+      break;  // tensor cores fit: no need of the scalar layout
+    }
+    for (int blocks = 1; blocks <= std::min(per_direction, widest); ++blocks) {
+      PersistentLayout layout;
+      if (!make_layout<T>(pr, blocks, storage, device, &layout, plan.reason)) continue;
+      const double estimate = estimate_persistent_us<T>(layout, pr.batch);
+      if (estimate < best) {
+        best = estimate;
+        plan.layout = layout;
+      }
     }
   }
   if (best == std::numeric_limits<double>::infinity()) return plan;  // reason: the widest grid's

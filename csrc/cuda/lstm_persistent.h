@@ -65,6 +65,8 @@ struct PersistentPhase {
   int warp_k_split;     // warps sharing one m-fragment along K (1 when m_fragments >= warps)
   int warp_fragments;   // (m, k) fragments per warp
   int register_fragments;  // of them held in registers for the whole sequence
+  int fragment_ld;      // elements per fragment row in shared memory: FK, or FK and 16 bytes of
+                        // padding (free of bank conflicts) where that still fits
   int partial_splits;   // partial sums added per output: k_split or warp_k_split
 };
 

@@ -822,6 +822,7 @@ struct Grid {
   unsigned returned = 0;     // blocks whose threads have all returned
   unsigned phase = 0;        // grid barriers opened so far
   std::vector<unsigned char> shared;  // dynamic shared memory, shared_stride bytes per block
+  unsigned char* shared_base = nullptr;  // its first 128-byte boundary
   std::size_t shared_stride = 0;
 };
 enum : unsigned char { kRunnable = 0, kWaiting = 1, kReturned = 2 };
@@ -846,7 +847,7 @@ inline Fiber* enter_block(unsigned b) noexcept {
   // Alternate blocks run their threads in reverse, as in ordinary launches.
   s.descending = ((b ^ g.phase) & 1u) != 0;
   t_block_idx = block_index_of(g, b);
-  t_dynamic_shared = g.shared.empty() ? nullptr : g.shared.data() + b * g.shared_stride;
+  t_dynamic_shared = g.shared_stride == 0 ? nullptr : g.shared_base + b * g.shared_stride;
   return fiber_at(s, 0);
 }
 
@@ -945,7 +946,9 @@ __attribute__((__noinline__)) inline void run_cooperative_grid(dim3 grid, dim3 b
   g.state.assign(g.blocks, kRunnable);
   g.turn = g.waiting = g.returned = g.phase = 0;
   g.shared_stride = (shared_bytes + 127) / 128 * 128;
-  g.shared.assign(g.shared_stride * g.blocks, 0xFF);
+  g.shared.assign(g.shared_stride * g.blocks + 128, 0xFF);
+  const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(g.shared.data());
+  g.shared_base = g.shared.data() + ((128 - address % 128) % 128);
   s.body = body;
   s.payload = payload;
   s.in_launch = true;

@@ -280,9 +280,10 @@ std::vector<int> grid_exchange_expected(unsigned blocks, int rounds) {
 // Records the dynamic shared memory as the kernel finds it, and the order in which blocks run
 // between grid barriers.
 __global__ void grid_order(unsigned* __restrict__ first_word, unsigned* __restrict__ order,
-                           unsigned* counter, int phases) {
+                           unsigned* counter, int phases, int* aligned) {
   const unsigned* const shared = reinterpret_cast<const unsigned*>(cuda_emulation::dynamic_shared_memory());
   if (threadIdx.x == 0) first_word[blockIdx.x] = shared[0];
+  if (threadIdx.x == 0) aligned[blockIdx.x] = reinterpret_cast<std::uintptr_t>(shared) % 128 == 0;
   for (int p = 0; p < phases; ++p) {
     if (threadIdx.x == 0) order[p * gridDim.x + blockIdx.x] = (*counter)++;
     cooperative_groups::this_grid().sync();
@@ -342,14 +343,17 @@ void test_cooperative_order_and_shared_memory() {
   const unsigned blocks = 5;
   const int phases = 4;
   std::vector<unsigned> first(blocks, 0), order(phases * blocks, ~0u);
+  std::vector<int> aligned(blocks, 0);
   unsigned counter = 0;
   const cudaError_t error = cuda_emulation::launch_cooperative(
-      grid_order, dim3(blocks), dim3(32), 256, nullptr, first.data(), order.data(), &counter,
-      phases);
+      grid_order, dim3(blocks), dim3(32), 200, nullptr, first.data(), order.data(), &counter,
+      phases, aligned.data());
   CHECK(error == cudaSuccess, "launch returned %d", static_cast<int>(error));
   for (unsigned b = 0; b < blocks; ++b)
     CHECK(first[b] == 0xFFFFFFFFu, "block %u found %#x in its shared memory, not the 0xFF fill", b,
           first[b]);
+  for (unsigned b = 0; b < blocks; ++b)
+    CHECK(aligned[b] == 1, "block %u: its dynamic shared memory is not 128-byte aligned", b);
   // Ascending between the start and the first barrier, descending to the next, and so on.
   for (int p = 0; p < phases; ++p)
     for (unsigned b = 0; b < blocks; ++b) {
