@@ -110,8 +110,6 @@ def lstm_bidirectional(
     output, h_n, c_n, _, _, _, _ = torch.ops.lstm_fused.bidirectional_forward(
         *tensors, lengths, training)
     if lengths is not None:
-        # The op carries the last state through padded steps; the padded outputs are zeros.
-        steps = torch.arange(output.shape[0], device=output.device)
-        padded = steps[:, None] >= lengths[None, :]
-        output = output.masked_fill(padded[:, :, None], 0.0)
+        # The op's y holds the carried state at padded steps; the padded outputs are zeros.
+        output = zero_padded_steps(output, lengths)
     return output, (h_n, c_n)

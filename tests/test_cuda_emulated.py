@@ -338,6 +338,8 @@ def test_bad_path_name_is_a_clear_error(emulated, monkeypatch):
 # capture) is set per test. Tolerances are the step kernels' above.
 # =============================================================================================
 
+import lstm_testing as testing  # noqa: E402
+
 PERSISTENT = "persistent"
 # An H100's or H200's limits per block and multiprocessor, on a small emulated GPU.
 EMULATED_DEVICE = dict(multiprocessors=8, shared_bytes_per_block=227 * 1024,
@@ -356,6 +358,23 @@ def device(emulated):
     configure()
 
 
+def compare_persistent(emulated, inputs, reverse, atol, rtol):
+    outputs, grads, upstream, _ = testing.run_op(inputs, reverse, ops=emulated)
+    expected_outputs, expected_grads = testing.op_reference(inputs, reverse, upstream)
+    testing.compare_with_reference(outputs, grads, expected_outputs, expected_grads, atol, rtol)
+
+
+def check_half_type_persistent(emulated, inputs, reverse, dtype, atol):
+    """As check_half_type above: float32 saved state, dtype outputs, atol on outputs and four
+    times it on gradients."""
+    outputs, grads, upstream, saved = testing.run_op(inputs, reverse, ops=emulated)
+    assert all(t.dtype == torch.float32 for t in saved[1:])
+    assert all(t.dtype == dtype for t in outputs + tuple(g for g in grads if g.numel()))
+    expected_outputs, expected_grads = testing.op_reference(inputs, reverse, upstream)
+    testing.compare_with_reference(outputs, (), expected_outputs, {}, atol, atol)
+    testing.compare_with_reference((), grads, (), expected_grads, 4 * atol, 4 * atol)
+
+
 def launches(emulated, function):
     """(function's result, the kernel launches it made)."""
     before = emulated.launch_count()
@@ -367,8 +386,7 @@ FORCED_BUT_CANNOT_RUN = r"the persistent kernel was forced \(LSTM_FUSED_PATH=per
 
 
 def op_args(inputs):
-    return [inputs[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
-                                "lengths")]
+    return [inputs[k] for k in testing.ARG_NAMES]
 
 
 def count_forward_backward(emulated, inputs, reverse):
@@ -385,9 +403,9 @@ def count_forward_backward(emulated, inputs, reverse):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_persistent_float64_matches_reference(emulated, device, shape):
     T, B, I, H, P = shape
-    inputs = make_inputs(T, B, I, H, P, seed=sum(shape))
+    inputs = testing.make_inputs(T, B, I, H, P, seed=sum(shape))
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, False, emulated, atol=1e-12, rtol=1e-10)
+        compare_persistent(emulated, inputs, False, atol=1e-12, rtol=1e-10)
         assert count_forward_backward(emulated, inputs, False) == (1, 1)
 
 
@@ -396,10 +414,10 @@ def test_persistent_float64_matches_reference(emulated, device, shape):
 def test_persistent_batch_and_hidden_tails(emulated, device, B, H):
     # 16 multiprocessors: 129 rows x 129 units is more state than 8 blocks' registers hold.
     device(multiprocessors=16)
-    inputs = make_inputs(3, B, 5, H, 0, lengths=[3, 1, 0, 2][:B] + [3] * max(0, B - 4),
+    inputs = testing.make_inputs(3, B, 5, H, 0, lengths=[3, 1, 0, 2][:B] + [3] * max(0, B - 4),
                          seed=B + H)
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, True, emulated, atol=1e-12, rtol=1e-10)
+        compare_persistent(emulated, inputs, True, atol=1e-12, rtol=1e-10)
         assert count_forward_backward(emulated, inputs, True) == (1, 1)
 
 
@@ -407,31 +425,32 @@ def test_persistent_batch_and_hidden_tails(emulated, device, B, H):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_persistent_lengths_and_direction(emulated, device, proj, reverse):
     # Lengths 0 and T, and rows that stop at different steps.
-    inputs = make_inputs(5, 6, 4, 9, proj, lengths=[5, 3, 0, 1, 5, 4], seed=3)
+    inputs = testing.make_inputs(5, 6, 4, 9, proj, lengths=[5, 3, 0, 1, 5, 4], seed=3)
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, reverse, emulated, atol=1e-12, rtol=1e-10)
+        compare_persistent(emulated, inputs, reverse, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("T", [1, 2, 17])
 def test_persistent_sequence_lengths(emulated, device, T):
-    inputs = make_inputs(T, 4, 3, 10, 0, lengths=[T, T // 2, 0, 1], seed=T)
+    inputs = testing.make_inputs(T, 4, 3, 10, 0, lengths=[T, T // 2, 0, 1], seed=T)
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, False, emulated, atol=1e-12, rtol=1e-10)
+        compare_persistent(emulated, inputs, False, atol=1e-12, rtol=1e-10)
 
 
 def test_persistent_without_bias(emulated, device):
-    inputs = make_inputs(3, 5, 4, 12, 0, bias=False, seed=5)
+    inputs = testing.make_inputs(3, 5, 4, 12, 0, bias=False, seed=5)
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, True, emulated, atol=1e-12, rtol=1e-10)
+        compare_persistent(emulated, inputs, True, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("multiprocessors", [1, 2, 3, 16])
 def test_persistent_any_grid_size(emulated, device, multiprocessors):
     """One block or many: the same results, to rounding (the sums' order follows the grid)."""
     device(multiprocessors=multiprocessors)
-    inputs = make_inputs(4, 7, 5, 23, 6, lengths=[4, 2, 0, 3, 4, 1, 4], seed=multiprocessors)
+    inputs = testing.make_inputs(4, 7, 5, 23, 6, lengths=[4, 2, 0, 3, 4, 1, 4],
+                                 seed=multiprocessors)
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, False, emulated, atol=1e-12, rtol=1e-10)
+        compare_persistent(emulated, inputs, False, atol=1e-12, rtol=1e-10)
 
 
 # Half types: the tensor-core path (wmma) from batch 5 on, the scalar one below, as the step
@@ -450,9 +469,9 @@ def test_persistent_any_grid_size(emulated, device, multiprocessors):
         "hidden-300"])
 def test_persistent_half_types(emulated, device, dtype, atol, shape, reverse, lengths):
     T, B, I, H, P = shape
-    inputs = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=B + H)
+    inputs = testing.make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=B + H)
     with lstm_fused.force_path(PERSISTENT):
-        check_half_type(emulated, inputs, reverse, dtype, atol)
+        check_half_type_persistent(emulated, inputs, reverse, dtype, atol)
         assert count_forward_backward(emulated, inputs, reverse) == (1, 1)
 
 
@@ -460,14 +479,14 @@ def test_persistent_half_types(emulated, device, dtype, atol, shape, reverse, le
 def test_persistent_tf32_follows_the_cudnn_flag(emulated, device, batch):
     """float32 on tensor cores (TF32) exactly where the step kernels use them: with
     torch.backends.cudnn.allow_tf32, from batch 5 on."""
-    inputs = make_inputs(4, batch, 9, 19, 5, dtype=torch.float32,
+    inputs = testing.make_inputs(4, batch, 9, 19, 5, dtype=torch.float32,
                          lengths=([4, 2, 3] * 7)[:batch], seed=21)
     with lstm_fused.force_path(PERSISTENT):
-        compare(inputs, True, emulated, atol=2e-5, rtol=1e-4)
-        exact = run_op(emulated, inputs, True)
+        compare_persistent(emulated, inputs, True, atol=2e-5, rtol=1e-4)
+        exact = testing.run_op(inputs, True, ops=emulated)
         torch.backends.cudnn.allow_tf32 = True
-        tf32 = run_op(emulated, inputs, True)
-        compare(inputs, True, emulated, atol=4e-3, rtol=4e-3)
+        tf32 = testing.run_op(inputs, True, ops=emulated)
+        compare_persistent(emulated, inputs, True, atol=4e-3, rtol=4e-3)
     differs = any(not torch.equal(a, b) for a, b in zip(exact[0] + tuple(exact[1]),
                                                         tf32[0] + tuple(tf32[1])))
     assert differs == (batch >= 5)
@@ -476,13 +495,14 @@ def test_persistent_tf32_follows_the_cudnn_flag(emulated, device, batch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_persistent_matches_every_step_tile(emulated, device, dtype):
     """Every CUDA path on the same inputs."""
-    inputs = make_inputs(5, 9, 6, 21, 0, dtype=dtype, lengths=[5, 4, 0, 1, 5, 2, 3, 5, 5], seed=8)
+    inputs = testing.make_inputs(5, 9, 6, 21, 0, dtype=dtype,
+                                 lengths=[5, 4, 0, 1, 5, 2, 3, 5, 5], seed=8)
     with lstm_fused.force_path(PERSISTENT):
-        ours = run_op(emulated, inputs, False)
+        ours = testing.run_op(inputs, False, ops=emulated)
     tolerance = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
     for tile in TILES:
         with lstm_fused.force_path(tile):
-            theirs = run_op(emulated, inputs, False)
+            theirs = testing.run_op(inputs, False, ops=emulated)
         for a, b in zip(ours[0] + tuple(ours[1]), theirs[0] + tuple(theirs[1])):
             torch.testing.assert_close(a.double(), b.double(), atol=tolerance, rtol=tolerance)
 
@@ -491,30 +511,30 @@ def test_persistent_matches_every_step_tile(emulated, device, dtype):
 def test_persistent_every_output_element_is_written(emulated, device, dtype):
     # Freed NaN-filled memory is what the op's allocations get back, so a missed element shows;
     # the emulator fills each block's shared memory with NaNs too.
-    inputs = make_inputs(3, 7, 4, 19, 5, dtype=dtype, lengths=[3, 1, 2, 0, 3, 3, 2], seed=9)
+    inputs = testing.make_inputs(3, 7, 4, 19, 5, dtype=dtype, lengths=[3, 1, 2, 0, 3, 3, 2], seed=9)
     with lstm_fused.force_path(PERSISTENT):
         for reverse in (False, True):
-            poison = torch.full((1 << 20,), float("nan"))
-            del poison
-            outputs, grads, _, saved = run_op(emulated, inputs, reverse)
+            outputs, grads, _, saved = testing.run_op(inputs, reverse, ops=emulated,
+                                                      before_each=testing.poison_memory)
+            testing.poison_memory()
             inference = emulated.forward(*op_args(inputs), reverse, False)
             for t in outputs + tuple(grads) + saved + inference[:3]:
                 assert not t.isnan().any()
 
 
 def test_persistent_deterministic(emulated, device):
-    inputs = make_inputs(4, 9, 6, 33, 7, dtype=torch.float32, lengths=[4, 3, 0, 2] * 2 + [4],
-                         seed=2)
+    inputs = testing.make_inputs(4, 9, 6, 33, 7, dtype=torch.float32,
+                                 lengths=[4, 3, 0, 2] * 2 + [4], seed=2)
     with lstm_fused.force_path(PERSISTENT):
-        first = run_op(emulated, inputs, True)
-        second = run_op(emulated, inputs, True)
+        first = testing.run_op(inputs, True, ops=emulated)
+        second = testing.run_op(inputs, True, ops=emulated)
     for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1])):
         assert torch.equal(a, b)
 
 
 def test_persistent_inference_matches_training(emulated, device):
     """Without training the forward keeps no activations; y, h_n and c_n are the same."""
-    inputs = make_inputs(5, 3, 4, 11, 0, lengths=[5, 2, 4], seed=12)
+    inputs = testing.make_inputs(5, 3, 4, 11, 0, lengths=[5, 2, 4], seed=12)
     with lstm_fused.force_path(PERSISTENT):
         trained = emulated.forward(*op_args(inputs), False, True)
         inferred = emulated.forward(*op_args(inputs), False, False)
@@ -526,8 +546,8 @@ def test_persistent_inference_matches_training(emulated, device):
 # ---- Both directions of a layer in one launch --------------------------------------------------
 
 def pair_inputs(T, B, I, H, P=0, dtype=torch.float64, lengths=None, seed=0, bias=True):
-    forward = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=seed, bias=bias)
-    reverse = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=seed + 100,
+    forward = testing.make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=seed, bias=bias)
+    reverse = testing.make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=seed + 100,
                           bias=bias)
     reverse["x"], reverse["lengths"] = forward["x"], forward["lengths"]
     return forward, reverse
@@ -553,7 +573,7 @@ def run_pair(namespace, f, r):
     grad_y, grad_h, grad_c = (torch.randn(t.shape, generator=generator,
                                           dtype=torch.float64).to(t.dtype)
                               for t in (y, h_n, c_n))
-    pad = padding(f)
+    pad = testing.padding(f)
     if pad is not None:
         grad_y = grad_y.masked_fill(pad, 0.0)
     grads = namespace.bidirectional_backward(
@@ -567,8 +587,10 @@ def run_pair(namespace, f, r):
 def pair_reference(f, r, upstream):
     grad_y, grad_h, grad_c = upstream
     P = grad_y.shape[2] // 2
-    (y, h_n, c_n), grads = op_reference(f, False, (grad_y[..., :P], grad_h[0], grad_c[0]))
-    (y_r, h_n_r, c_n_r), grads_r = op_reference(r, True, (grad_y[..., P:], grad_h[1], grad_c[1]))
+    (y, h_n, c_n), grads = testing.op_reference(f, False,
+                                                (grad_y[..., :P], grad_h[0], grad_c[0]))
+    (y_r, h_n_r, c_n_r), grads_r = testing.op_reference(r, True,
+                                                        (grad_y[..., P:], grad_h[1], grad_c[1]))
     expected = {"x": grads["x"] + grads_r["x"], "h0": torch.stack([grads["h0"], grads_r["h0"]]),
                 "c0": torch.stack([grads["c0"], grads_r["c0"]])}
     for name in ("w_ih", "w_hh", "b_ih", "w_hr"):
@@ -667,9 +689,9 @@ def test_persistent_both_directions_empty_sequence_and_batch(emulated, device):
 def test_persistent_is_the_automatic_choice_for_small_batches(emulated, device):
     """Auto: the persistent kernel from two steps on where the cost model expects it faster
     (small batches: the step kernels pay a launch per step); one step stays a step launch."""
-    inputs = make_inputs(6, 2, 5, 16, 0, seed=13)
+    inputs = testing.make_inputs(6, 2, 5, 16, 0, seed=13)
     assert count_forward_backward(emulated, inputs, False) == (1, 1)
-    single = make_inputs(1, 2, 5, 16, 0, seed=13)
+    single = testing.make_inputs(1, 2, 5, 16, 0, seed=13)
     assert count_forward_backward(emulated, single, False) == (1, 2)  # a step, and dL/dh_0
 
 
@@ -678,35 +700,35 @@ def test_persistent_beyond_capacity(emulated, device, dtype):
     """W_hh beyond the on-chip memory (an emulated 8 KiB of shared memory per block): forced, an
     error names the reason; auto runs the step kernels, with the same results."""
     device(shared_bytes_per_block=8 * 1024)
-    inputs = make_inputs(3, 2, 4, 64, 0, dtype=dtype, seed=14)
+    inputs = testing.make_inputs(3, 2, 4, 64, 0, dtype=dtype, seed=14)
     with lstm_fused.force_path(PERSISTENT):
         with pytest.raises(RuntimeError, match=FORCED_BUT_CANNOT_RUN +
                            r"cannot run here: the weights need \d+ KiB of shared memory per "
                            r"block at \d+ blocks per direction .* above the device's 8 KiB"):
-            run_op(emulated, inputs, False)
+            testing.run_op(inputs, False, ops=emulated)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-5
-    compare(inputs, False, emulated, atol=tolerance, rtol=tolerance)
+    compare_persistent(emulated, inputs, False, atol=tolerance, rtol=tolerance)
     assert count_forward_backward(emulated, inputs, False) == (3, 4)
 
 
 def test_persistent_too_many_pairs_per_block(emulated, device):
     """More (row, unit) pairs than a block's threads keep in registers."""
-    inputs = make_inputs(2, 129, 3, 129, 0, seed=15)
+    inputs = testing.make_inputs(2, 129, 3, 129, 0, seed=15)
     with lstm_fused.force_path(PERSISTENT):
         with pytest.raises(RuntimeError, match=FORCED_BUT_CANNOT_RUN +
                            r".*batch 129 x 17 columns per block .* \(row, column\) pairs"):
-            run_op(emulated, inputs, False)
-    compare(inputs, False, emulated, 1e-12, 1e-10)
+            testing.run_op(inputs, False, ops=emulated)
+    compare_persistent(emulated, inputs, False, 1e-12, 1e-10)
 
 
 def test_persistent_without_cooperative_launches(emulated, device):
     device(cooperative_launch=False)
-    inputs = make_inputs(3, 4, 5, 8, 0, seed=16)
+    inputs = testing.make_inputs(3, 4, 5, 8, 0, seed=16)
     with lstm_fused.force_path(PERSISTENT):
         with pytest.raises(RuntimeError, match=FORCED_BUT_CANNOT_RUN +
                            "cannot run here: the device does not support cooperative launches"):
-            run_op(emulated, inputs, True)
-    compare(inputs, True, emulated, 1e-12, 1e-10)
+            testing.run_op(inputs, True, ops=emulated)
+    compare_persistent(emulated, inputs, True, 1e-12, 1e-10)
     assert count_forward_backward(emulated, inputs, True) == (3, 4)  # auto: the step kernels
 
 
@@ -715,12 +737,12 @@ def test_persistent_refused_launch(emulated, device):
     an MPS limit on multiprocessors): forced, an error; auto runs the step kernels instead (and
     warns once)."""
     device(coresident_block_limit=1)
-    inputs = make_inputs(3, 4, 5, 24, 0, seed=17)
+    inputs = testing.make_inputs(3, 4, 5, 24, 0, seed=17)
     with lstm_fused.force_path(PERSISTENT):
         with pytest.raises(RuntimeError, match=FORCED_BUT_CANNOT_RUN +
                            "the device refused the cooperative launch"):
-            run_op(emulated, inputs, False)
-    compare(inputs, False, emulated, 1e-12, 1e-10)
+            testing.run_op(inputs, False, ops=emulated)
+    compare_persistent(emulated, inputs, False, 1e-12, 1e-10)
     assert count_forward_backward(emulated, inputs, False) == (3, 4)
     # Both directions at once: refused, then one direction at a time, each refused, each falling
     # back to the step kernels.
@@ -734,14 +756,14 @@ def test_persistent_under_graph_capture(emulated, device, runtime):
     """Cooperative launches can be captured into CUDA graphs from CUDA 12.0 on; before, the step
     kernels run under capture (and forcing the persistent kernel is an error)."""
     device(capturing=True, runtime_version=runtime)
-    inputs = make_inputs(3, 4, 5, 8, 0, seed=18)
+    inputs = testing.make_inputs(3, 4, 5, 8, 0, seed=18)
     if runtime < 12000:
         with lstm_fused.force_path(PERSISTENT):
             with pytest.raises(RuntimeError, match=FORCED_BUT_CANNOT_RUN +
                                r"cannot run here: the stream is being captured into a CUDA "
                                r"graph, which takes cooperative launches from CUDA 12.0 on "
                                r"\(runtime 11.8, driver 13.0\)"):
-                run_op(emulated, inputs, False)
+                testing.run_op(inputs, False, ops=emulated)
         assert count_forward_backward(emulated, inputs, False) == (3, 4)
     else:
         assert count_forward_backward(emulated, inputs, False) == (1, 1)

@@ -157,6 +157,9 @@ __device__ __forceinline__ T weight_at(const WeightSource<T>& src, const Persist
                        : src.w[(gate * static_cast<int64_t>(src.count) + c) * src.ld + k];
 }
 
+struct NoRegisters {};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 // Tensor cores: item i of warp w is fragment (mf, kf) of R; false beyond the warp's items.
 __device__ __forceinline__ bool fragment_of(const PersistentPhase& ph, int warp, int i, int* mf,
                                             int* kf) {
@@ -170,9 +173,6 @@ __device__ __forceinline__ bool fragment_of(const PersistentPhase& ph, int warp,
   return *mf < ph.m_fragments;
 }
 
-struct NoRegisters {};
-
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 namespace wmma = nvcuda::wmma;
 template <typename T>
 struct TensorTypes {
@@ -199,9 +199,7 @@ struct TensorRegisters {
 };
 #else
 template <typename T, int N>
-struct TensorRegisters {  // no tensor-core code below sm_80: the launchers never pick it
-  static constexpr int kCount = N;
-};
+struct TensorRegisters {};  // no tensor-core code below sm_80: the launchers never pick it
 #endif
 
 // Loads a phase's weight slice into shared memory (and, for the first phase on tensor cores,
@@ -428,9 +426,14 @@ __device__ __forceinline__ void for_each_pair(int batch, int columns, F&& f) {
   }
 }
 
-__device__ __forceinline__ int length_of(const int64_t* lengths, int b, int steps) {
-  return lengths != nullptr ? static_cast<int>(lengths[b]) : steps;
+// Whether step t is padding for batch row b (t >= lengths[b]).
+__device__ __forceinline__ bool is_padding(const int64_t* lengths, int b, int t) {
+  return lengths != nullptr && t >= lengths[b];
 }
+
+// Bit j of a mask: pair j of this thread (see for_each_pair).
+__device__ __forceinline__ bool bit(unsigned mask, int j) { return ((mask >> j) & 1u) != 0; }
+static_assert(kCells <= 32, "a pair's padding is a bit of one mask");
 
 // ---- Forward -----------------------------------------------------------------------------------
 
@@ -472,16 +475,13 @@ __device__ __forceinline__ void forward_body(const ForwardLaunch<T>& launch) {
                                           WeightSource<T>{d.w_hr, H, false, P, out0, outs});
   }
 
-  // Per unit pair: c, h (carried through padded steps, without a projection), x_t W_ih^T + b.
-  Acc cell[kCells], carried[kCells], pre[kCells][4];
-  int length[kCells];
-  // Per output pair (with a projection): h (carried).
-  Acc carried_out[kCells];
-  int length_out[kCells];
+  // Per unit pair: c, h (carried through padded steps, without a projection), x_t W_ih^T + b,
+  // and (a bit each) whether the step is padding. Per output pair (with a projection): h.
+  Acc cell[kCells], carried[kCells], pre[kCells][4], carried_out[kCells];
+  unsigned padded = 0, padded_out = 0;
   for_each_pair(B, units, [&](int j, int b, int u) {
     const int column = unit0 + u;
     cell[j] = d.c0[static_cast<int64_t>(b) * H + column];
-    length[j] = length_of(a.lengths, b, steps);
     if (!projection) {
       const T h = d.h0[static_cast<int64_t>(b) * P + column];
       carried[j] = to_acc(h);
@@ -492,13 +492,17 @@ __device__ __forceinline__ void forward_body(const ForwardLaunch<T>& launch) {
     const int column = out0 + p;
     const T h = d.h0[static_cast<int64_t>(b) * P + column];
     carried_out[j] = to_acc(h);
-    length_out[j] = length_of(a.lengths, b, steps);
     h_exchange[slot + static_cast<int64_t>(b) * ld_p + column] = operand<kTensorCores>(h);
   });
-  // The input part of step t's gates, loaded while the previous step finishes.
+  // The input part of step t's gates and its padding, loaded while the previous step finishes.
   auto prefetch = [&](int t) {
+    padded = padded_out = 0;
+    for_each_pair(B, outs, [&](int j, int b, int) {
+      padded_out |= static_cast<unsigned>(is_padding(a.lengths, b, t)) << j;
+    });
     for_each_pair(B, units, [&](int j, int b, int u) {
       const int column = unit0 + u;
+      padded |= static_cast<unsigned>(is_padding(a.lengths, b, t)) << j;
       const T* const x_part = d.input_gates + (static_cast<int64_t>(t) * B + b) * 4 * H + column;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -519,7 +523,7 @@ __device__ __forceinline__ void forward_body(const ForwardLaunch<T>& launch) {
       const int column = unit0 + u;
       const int64_t row = static_cast<int64_t>(t) * B + b;
       Acc* const gates = d.gates != nullptr ? d.gates + row * 4 * H + column : nullptr;
-      if (t >= length[j]) {  // padding: c and h carried
+      if (bit(padded, j)) {  // padding: c and h carried
         if (gates != nullptr) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) gates[q * H] = Acc(0);
@@ -559,6 +563,7 @@ __device__ __forceinline__ void forward_body(const ForwardLaunch<T>& launch) {
         h_next[static_cast<int64_t>(b) * ld_p + column] = operand<kTensorCores>(h);
       }
     });
+    const unsigned padded_now = padded_out;
     if (n + 1 < steps) prefetch(d.reverse ? t - 1 : t + 1);
     if (projection) {
       grid_sync();  // o * tanh(c_t) of every unit is in the exchange buffer
@@ -567,8 +572,9 @@ __device__ __forceinline__ void forward_body(const ForwardLaunch<T>& launch) {
       for_each_pair(B, outs, [&](int j, int b, int p) {
         const int column = out0 + p;
         const int64_t row = static_cast<int64_t>(t) * B + b;
-        const Acc value =
-            t >= length_out[j] ? carried_out[j] : partial_sum<Acc>(proj_phase, layout, smem, b, p);
+        const Acc value = bit(padded_now, j)
+                              ? carried_out[j]
+                              : partial_sum<Acc>(proj_phase, layout, smem, b, p);
         const T h = from_acc<T>(value);
         d.y[row * a.y_ld + column] = h;
         carried_out[j] = to_acc(h);
@@ -637,29 +643,31 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
                                           WeightSource<T>{d.w_hr, H, true, H, unit0, units});
   }
 
-  // Per column pair: dL/dh received (G), grad_y of this step and of the one processed before.
+  // Per column pair: dL/dh received (G), grad_y of this step and of the one processed before, and
+  // (a bit each) whether this step and the one processed before are padding.
   Acc received[kCells], grad_y[kCells], last_grad_y[kCells], grad_hidden[kCells];
-  int length_h[kCells];
+  unsigned padded_h = 0, padded_h_before = 0;
   for_each_pair(B, columns, [&](int j, int b, int c) {
     received[j] = d.grad_h[static_cast<int64_t>(b) * P + column0 + c];
-    length_h[j] = length_of(a.lengths, b, steps);
     last_grad_y[j] = Acc(0);
   });
-  // Per unit pair: dL/dc, and step t's saved gates, c_t and c_{t-1}.
+  // Per unit pair: dL/dc, step t's saved gates, c_t and c_{t-1}, and whether t is padding.
   Acc grad_c[kCells], saved[kCells][6];
-  int length[kCells];
+  unsigned padded = 0;
   for_each_pair(B, units, [&](int j, int b, int u) {
     grad_c[j] = d.grad_c[static_cast<int64_t>(b) * H + unit0 + u];
-    length[j] = length_of(a.lengths, b, steps);
   });
   auto prefetch = [&](int t) {
     const bool from_initial = d.reverse ? t == steps - 1 : t == 0;
     const int t_prev = d.reverse ? t + 1 : t - 1;
+    padded_h = padded = 0;
     for_each_pair(B, columns, [&](int j, int b, int c) {
       grad_y[j] = to_acc(d.grad_y[(static_cast<int64_t>(t) * B + b) * a.y_ld + column0 + c]);
+      padded_h |= static_cast<unsigned>(is_padding(a.lengths, b, t)) << j;
     });
     for_each_pair(B, units, [&](int j, int b, int u) {
       const int column = unit0 + u;
+      padded |= static_cast<unsigned>(is_padding(a.lengths, b, t)) << j;
       const Acc* const gates = d.gates + (static_cast<int64_t>(t) * B + b) * 4 * H + column;
 #pragma unroll
       for (int q = 0; q < 4; ++q) saved[j][q] = gates[q * H];
@@ -675,7 +683,6 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
   // finishes dL/dh_0. The received product at n uses dL/dz of the step processed at n - 1.
   for (int n = 0; n <= steps; ++n) {
     const int t = d.reverse ? n : steps - 1 - n;
-    const int t_before = d.reverse ? n - 1 : steps - n;  // processed at n - 1 (t + 1 forward)
     const int write_slot = n & 1;
     if (n > 0) {
       phase_product<T, kTensorCores, true>(hidden_phase, layout, smem, registers,
@@ -687,7 +694,7 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
       if (n > 0) {
         const Acc product = partial_sum<Acc>(hidden_phase, layout, smem, b, c);
         // After a padded step the state was carried: so is its whole dL/dh.
-        g = t_before >= length_h[j] ? product + (last_grad_y[j] + received[j]) : product;
+        g = bit(padded_h_before, j) ? product + (last_grad_y[j] + received[j]) : product;
       }
       received[j] = g;
       if (n == steps) {
@@ -717,7 +724,7 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
       const Acc dh = projection ? partial_sum<Acc>(gate_phase, layout, smem, b, u) : grad_hidden[j];
       Acc* const grad_gates = d.grad_gates + row * 4 * H + column;
       Op* const exchange = gates_next + static_cast<int64_t>(b) * ld_gates + column;
-      if (t >= length[j]) {  // padding: the state was carried, and so is dL/dc
+      if (bit(padded, j)) {  // padding: the state was carried, and so is dL/dc
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           grad_gates[q * H] = Acc(0);
@@ -742,6 +749,7 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
       }
       if (projection) d.hidden_all[row * H + column] = from_acc<T>(o * tc);
     });
+    padded_h_before = padded_h;
     if (n + 1 < steps) prefetch(d.reverse ? t + 1 : t - 1);
     grid_sync();  // dL/dz_t of every unit is in the exchange buffer
   }
