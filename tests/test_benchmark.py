@@ -231,3 +231,30 @@ def test_stacked_bidirectional_providers_agree(bench):
         outputs = bench.fused_gate_lstm(case.x, case.h0, case.c0, weights, 2)
     for actual, expected in zip(outputs, reference.outputs):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_persistent_goal_shapes_are_a_gpu_set(bench):
+    def shapes(grid, device, sets=None):
+        return {(e.shape.B, e.shape.T, e.shape.I, e.shape.H): e.modes
+                for e in bench.build_grid(grid, torch.device(device), sets)
+                if "persistent" in e.sets}
+    expected = {(1, 256, 256, 256): ("inference",), (1, 256, 512, 512): None,
+                (1, 256, 1024, 1024): ("inference",), (4, 256, 512, 512): ("training",),
+                (8, 256, 512, 512): ("training",), (16, 1024, 768, 768): None}
+    assert shapes("full", "cuda") == expected  # in the full GPU grid by default
+    assert shapes("quick", "cuda", ["persistent"]) == expected
+    assert shapes("full", "cpu") == {} and shapes("quick", "cuda") == {}
+
+
+def test_a_forced_path_that_cannot_run_is_skipped_with_the_reason(bench, monkeypatch):
+    lstm_fused = pytest.importorskip("lstm_fused")
+    case = bench.make_case(bench.Shape(2, 3, 4, 5), "inference", torch.float32, CPU)
+
+    def cannot_run(*args, **kwargs):
+        raise RuntimeError("lstm_fused: the persistent kernel was forced but cannot run here: "
+                           "the weights need 300 KiB")
+    monkeypatch.setattr(lstm_fused.LSTM, "forward", cannot_run)
+    monkeypatch.setattr(lstm_fused, "available_paths", lambda device: ["fused", "gemm"])
+    built = bench.lstm_fused_provider("gemm")(case)
+    with pytest.raises(bench.Skip, match="cannot run here: the weights need 300 KiB"):
+        built.step()

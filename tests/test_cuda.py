@@ -9,6 +9,7 @@ Skipped without a GPU. test_cuda_emulated.py runs the same CUDA code on the CPU 
 and covers the kernels' shapes, tiles and tails without one; this file checks what only the
 hardware can: the real compiler and memory model, streams, devices, and half-precision arithmetic.
 """
+import contextlib
 import copy
 
 import pytest
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CUDA = torch.device("cuda")
 PATHS = lstm_fused.available_paths("cuda")
+FORCED_BUT_CANNOT_RUN = "the persistent kernel was forced (LSTM_FUSED_PATH=persistent) but"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ARG_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths")
 
@@ -32,6 +34,19 @@ ARG_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths")
 # half-precision h_t it was computed from; gradients, sums over T * B products of half-rounded
 # factors, get eight.
 HALF_ATOL = {torch.float16: (1e-3, 4e-3), torch.bfloat16: (8e-3, 3e-2)}
+
+
+@contextlib.contextmanager
+def forced(path):
+    """force_path(path); a forced persistent kernel that cannot run here (W_hh beyond the
+    device's on-chip memory) is an error that says why, and skips the test."""
+    try:
+        with lstm_fused.force_path(path):
+            yield
+    except RuntimeError as error:
+        if FORCED_BUT_CANNOT_RUN not in str(error):
+            raise
+        pytest.skip(str(error))
 
 
 def dtype_id(dtype):
@@ -259,7 +274,7 @@ def test_each_path_matches_float64_reference(path, shape, reverse, with_lengths)
     T, B, I, H, P = shape
     inputs = make_inputs(T, B, I, H, P, lengths=lengths_for(T, B) if with_lengths else None,
                          seed=sum(shape))
-    with lstm_fused.force_path(path):
+    with forced(path):
         outputs, grads, upstream_grads, _ = run_op(inputs, reverse)
     expected_outputs, expected_grads = op_reference(inputs, reverse, upstream_grads)
     for name, actual, expected in zip(("y", "h_n", "c_n"), outputs, expected_outputs):
@@ -278,7 +293,7 @@ def test_each_path_packed_sequence_matches_float64_nn_lstm(path):
     x, h0, c0 = module_inputs(fused, 9, 6, torch.float64, seed=5)
     lengths = torch.tensor([9, 4, 1, 9, 6, 2])  # unsorted
     expected = outputs_and_grads(reference, x, (h0, c0), lengths)
-    with lstm_fused.force_path(path):
+    with forced(path):
         actual = outputs_and_grads(fused, x, (h0, c0), lengths)
     for a, e in zip(actual, expected):  # outputs, then gradients
         assert a.keys() == e.keys()
@@ -328,7 +343,7 @@ def test_opcheck(dtype, proj, with_lengths, training):
 @pytest.mark.parametrize("path", PATHS)
 def test_every_element_is_written(path, dtype):
     inputs = make_inputs(5, 33, 4, 19, 7, dtype=dtype, lengths=lengths_for(5, 33), seed=9)
-    with lstm_fused.force_path(path):
+    with forced(path):
         for reverse in (False, True):
             outputs, grads, _, saved = run_op(inputs, reverse)  # poisons before each op
             poison_allocator()
@@ -353,7 +368,7 @@ def test_repeat_runs_are_bitwise_identical(dtype, path):
     _, fused = cuda_pair(dtype=dtype, input_size=16, hidden_size=129, num_layers=2,
                          bidirectional=True, proj_size=31)
     x, h0, c0 = module_inputs(fused, 37, 129, dtype, seed=7)
-    with lstm_fused.force_path(path):
+    with forced(path):
         first = outputs_and_grads(fused, x, (h0, c0))
         poison_allocator()
         second = outputs_and_grads(fused, x, (h0, c0))
@@ -507,6 +522,243 @@ def test_tf32_follows_the_cudnn_flag_like_nn_lstm():
     torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
     ours, our_grads = outputs_and_grads(fused, x, (h0, c0))
     theirs, their_grads = outputs_and_grads(reference, x, (h0, c0))
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-2, rtol=1e-2)
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=5e-2, rtol=5e-2)
+    assert not torch.equal(ours["output"], exact["output"])
+
+
+# =============================================================================================
+# The persistent kernels (one cooperative launch per sequence) on the GPU: the dispatch picks them
+# at small batches; each result against nn.LSTM, the float64 reference and the other paths;
+# gradcheck, determinism, streams, a second GPU, CUDA graph capture and the fallbacks.
+# =============================================================================================
+
+import lstm_testing as testing  # noqa: E402
+
+PERSISTENT = "persistent"
+
+
+def cuda_kernels(function):
+    """The names of the CUDA kernels that function() launches."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        function()
+        torch.cuda.synchronize()
+    return [event.name for event in profiler.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def count(names, kernel):
+    return sum(kernel in name for name in names)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-direction", "bidirectional"])
+def test_persistent_is_one_launch_per_sequence(bidirectional):
+    """Auto at batch 1: one persistent launch for the whole sequence forward (both directions of a
+    layer in the same launch) and one backward; no step kernels."""
+    _, fused = cuda_pair(input_size=64, hidden_size=256, bidirectional=bidirectional)
+    x, h0, c0 = module_inputs(fused, 64, 1)
+    with torch.no_grad():
+        names = cuda_kernels(lambda: fused(x, (h0, c0)))
+    assert count(names, "persistent_forward_kernel") == 1, names
+    assert count(names, "step_kernel") == 0, names
+    x.requires_grad_()
+    names = cuda_kernels(lambda: fused(x, (h0, c0))[0].sum().backward())
+    assert count(names, "persistent_forward_kernel") == 1, names
+    assert count(names, "persistent_backward_kernel") == 1, names
+    assert count(names, "step_kernel") == 0, names
+
+
+def test_persistent_is_not_chosen_for_large_batches():
+    """Auto at (256, 64, 1024, 1024): a block's share of the arithmetic outweighs the launches
+    saved (the cost model), so the step kernels run."""
+    _, fused = cuda_pair(input_size=1024, hidden_size=1024)
+    x, h0, c0 = module_inputs(fused, 8, 256)
+    x.requires_grad_()
+    names = cuda_kernels(lambda: fused(x, (h0, c0))[0].sum().backward())
+    assert count(names, "persistent") == 0, names
+
+
+PERSISTENT_MODULES = [
+    (37, 1, 5, 129, 2, True, 0, False),
+    (37, 3, 7, 31, 2, True, 0, True),
+    (9, 129, 6, 129, 1, False, 17, False),
+    (16, 16, 32, 768, 1, False, 0, True),
+    (6, 5, 4, 1000, 1, True, 250, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("config", PERSISTENT_MODULES, ids=config_id)
+def test_persistent_matches_nn_lstm(config, dtype):
+    reference, fused, x, hx = build(config, dtype)
+    with forced(PERSISTENT):
+        testing.check_against_nn_lstm(reference, fused, x, hx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", [(7, 3, 5, 33, 0), (5, 21, 9, 70, 13), (4, 129, 6, 129, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_persistent_and_every_other_path_on_the_same_inputs(shape, dtype):
+    T, B, I, H, P = shape
+    inputs = testing.make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths_for(T, B),
+                                 seed=sum(shape), device=CUDA)
+    results = {}
+    for path in PATHS:
+        with forced(path):
+            results[path] = testing.run_op(inputs, False,
+                                           before_each=lambda: testing.poison_memory(CUDA))
+    outputs, grads, upstream_grads, _ = results[PERSISTENT]
+    expected_outputs, expected_grads = testing.op_reference(inputs, False, upstream_grads)
+    (atol, _), (grad_atol, _) = testing.TOLERANCES[dtype]
+    scale = 4.0 if dtype == torch.bfloat16 else 1.0  # the reference is float64, not nn.LSTM
+    testing.compare_with_reference(outputs, grads, expected_outputs, expected_grads,
+                                   atol=scale * max(atol, grad_atol), rtol=1e-4)
+    for path, (other_outputs, other_grads, _, _) in results.items():
+        for a, b in zip((*outputs, *grads), (*other_outputs, *other_grads)):
+            torch.testing.assert_close(a.double(), b.double(), atol=2 * scale * grad_atol,
+                                       rtol=1e-4, msg=lambda m, p=path: f"{p}: {m}")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("reverse,proj,lengths", [
+    (False, False, None), (True, True, [6, 2, 0, 5]), (False, True, [6, 2, 0, 5])],
+    ids=["fwd", "rev-proj-lengths", "proj-lengths"])
+def test_persistent_gradcheck(reverse, proj, lengths, bidirectional):
+    inputs = testing.make_inputs(6, 4, 3, 4, 2 if proj else 0, lengths=lengths, seed=3,
+                                 device=CUDA, requires_grad=True)
+    x, hx, weights = testing.functional_args(inputs)
+    weights = [w for w in weights]
+
+    def function(x, h0, c0, *flat):
+        if bidirectional:  # the reverse direction's weights: the same ones, scaled
+            weights_reverse = [None if w is None else w * 0.75 for w in flat]
+            output, (h_n, c_n) = lstm_fused.functional.lstm_bidirectional(
+                x, (torch.stack([h0, h0 * 0.5]), torch.stack([c0, c0 * 0.5])), flat,
+                weights_reverse, lengths=inputs["lengths"])
+        else:
+            output, (h_n, c_n) = lstm_fused.lstm(x, (h0, c0), *flat, reverse=reverse,
+                                                 lengths=inputs["lengths"])
+        return output, h_n, c_n
+
+    with forced(PERSISTENT):
+        assert torch.autograd.gradcheck(function, (x, *hx, *weights), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_persistent_repeat_runs_are_bitwise_identical(dtype):
+    _, fused = cuda_pair(dtype=dtype, input_size=16, hidden_size=129, num_layers=2,
+                         bidirectional=True, proj_size=31)
+    x, h0, c0 = module_inputs(fused, 37, 9, dtype, seed=7)
+    with forced(PERSISTENT):
+        first = testing.outputs_and_grads(fused, x, (h0, c0))
+        poison_allocator()
+        second = testing.outputs_and_grads(fused, x, (h0, c0))
+    testing.assert_bitwise_equal(second, first)
+
+
+def test_persistent_side_stream_matches_default_stream():
+    _, fused = cuda_pair(input_size=8, hidden_size=65, num_layers=2, bidirectional=True,
+                         proj_size=9)
+    cpu_inputs = module_inputs(fused, 37, 5, seed=8, device="cpu")
+    with forced(PERSISTENT):
+        x, h0, c0 = (t.to(CUDA) for t in cpu_inputs)
+        expected = testing.outputs_and_grads(fused, x, (h0, c0))
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            poison_allocator()
+            x, h0, c0 = (t.to(CUDA) for t in cpu_inputs)
+            torch.cuda._sleep(20_000_000)  # work sent to another stream by mistake reads poison
+            actual = testing.outputs_and_grads(fused, x, (h0, c0))
+        torch.cuda.synchronize()
+    testing.assert_bitwise_equal(actual, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+def test_persistent_on_the_second_gpu():
+    _, fused = cuda_pair(input_size=6, hidden_size=33, num_layers=2, bidirectional=True,
+                         proj_size=5)
+    x, h0, c0 = module_inputs(fused, 11, 7, seed=6)
+    second = torch.device("cuda", 1)
+    with forced(PERSISTENT):
+        expected = testing.outputs_and_grads(fused, x, (h0, c0))
+        actual = testing.outputs_and_grads(copy.deepcopy(fused).to(second), x.to(second),
+                                           (h0.to(second), c0.to(second)))
+    torch.cuda.synchronize(second)
+    assert torch.cuda.current_device() == 0, "the op changed the current device"
+    for a, e in zip(actual, expected):
+        for name in e:
+            assert a[name].device == second, name
+            torch.testing.assert_close(a[name].cpu(), e[name].cpu(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_persistent_in_a_cuda_graph(training):
+    """Cooperative launches are captured (CUDA 12+): replays match eager runs."""
+    _, fused = cuda_pair(input_size=16, hidden_size=64, bidirectional=True)
+    x, h0, c0 = module_inputs(fused, 32, 2, seed=9)
+    x.requires_grad_(training)
+    parameters = list(fused.parameters())
+
+    def step():
+        output, (h_n, c_n) = fused(x, (h0, c0))
+        if not training:
+            return (output, h_n, c_n)
+        loss = output.sum() + h_n.sum() - c_n.sum()
+        return (output, *torch.autograd.grad(loss, [x, *parameters]))
+
+    with forced(PERSISTENT), torch.set_grad_enabled(training):
+        expected = [t.clone() for t in step()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        poison_allocator()
+        graph.replay()
+        torch.cuda.synchronize()
+    for a, e in zip(captured, expected):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+def test_persistent_forced_where_it_cannot_run_is_a_clear_error():
+    """float64 W_hh of H = 1000 is beyond an H100's or H200's on-chip memory (the largest there:
+    924 forward): forced, an error says why; auto runs the step kernels."""
+    inputs = testing.make_inputs(3, 2, 5, 1000, dtype=torch.float64, seed=10, device=CUDA)
+    with lstm_fused.force_path(PERSISTENT):
+        with pytest.raises(RuntimeError, match=r"cannot run here: the weights need \d+ KiB of "
+                                               r"shared memory per block"):
+            testing.run_op(inputs, False)
+    outputs, grads, upstream_grads, _ = testing.run_op(inputs, False)
+    testing.compare_with_reference(outputs, grads, *testing.op_reference(inputs, False,
+                                                                         upstream_grads),
+                                   atol=1e-12, rtol=1e-10)
+    # More (row, unit) pairs per block than its threads keep in registers.
+    wide = testing.make_inputs(2, 4096, 3, 64, dtype=torch.float32, seed=11, device=CUDA)
+    with lstm_fused.force_path(PERSISTENT):
+        with pytest.raises(RuntimeError, match=r"\(row, column\) pairs"):
+            testing.run_op(wide, False)
+
+
+def test_persistent_tf32_follows_the_cudnn_flag_like_nn_lstm():
+    """At batch 16 the persistent kernel multiplies on tensor cores: in TF32 exactly when
+    nn.LSTM does (torch.backends.cudnn.allow_tf32)."""
+    reference, fused = cuda_pair(0, input_size=64, hidden_size=256)
+    x, h0, c0 = module_inputs(reference, 16, 16)
+    with forced(PERSISTENT):
+        exact, _ = testing.outputs_and_grads(fused, x, (h0, c0))
+        torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
+        ours, our_grads = testing.outputs_and_grads(fused, x, (h0, c0))
+    theirs, their_grads = testing.outputs_and_grads(reference, x, (h0, c0))
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-2, rtol=1e-2)
     for name in our_grads:

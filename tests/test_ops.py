@@ -246,3 +246,101 @@ def test_outputs_as_the_fake_kernel_declares(training, dtype):
     fake = lstm_ops._forward_fake(*[a.to("meta") for a in args], False, training)
     for r, f in zip(real, fake):
         assert (r.shape, r.dtype, r.is_contiguous()) == (f.shape, f.dtype, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both directions of a layer in one op (lstm_fused::bidirectional_forward/backward): on the CPU
+# the same as the one-direction op run for each direction.
+
+def bidirectional_args(proj=False, lengths=None, dtype=torch.float64, requires_grad=True,
+                       sizes=(SEQ_LEN, BATCH, INPUT, HIDDEN, PROJ), seed=0):
+    """(input, hx [2, ...], weights, weights_reverse) for lstm_bidirectional."""
+    seq_len, batch, input_size, hidden_size, proj_size = sizes
+    f, r = (make_inputs(seq_len, batch, input_size, hidden_size, proj_size if proj else 0,
+                        dtype=dtype, lengths=lengths, seed=seed + k) for k in (0, 1))
+    x = f["x"].requires_grad_(requires_grad)
+    hx = tuple(torch.stack([f[k], r[k]]).requires_grad_(requires_grad) for k in ("h0", "c0"))
+    names = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+    weights = [tuple(d[k].requires_grad_(requires_grad) if d[k] is not None else None
+                     for k in names) for d in (f, r)]
+    return x, hx, weights[0], weights[1], f["lengths"]
+
+
+@pytest.mark.parametrize("proj,lengths",
+                         [(False, None), (True, [6, 2, 0, 5]), (False, [6, 2, 0, 5])],
+                         ids=["plain", "proj-lengths", "lengths"])
+def test_bidirectional_matches_one_direction_at_a_time(proj, lengths):
+    x, hx, weights, weights_reverse, lengths = bidirectional_args(proj, lengths)
+    output, (h_n, c_n) = lstm_fused.functional.lstm_bidirectional(x, hx, weights, weights_reverse,
+                                                                  lengths=lengths)
+    forward, (h_f, c_f) = lstm(x, (hx[0][0], hx[1][0]), *weights, lengths=lengths)
+    backward, (h_b, c_b) = lstm(x, (hx[0][1], hx[1][1]), *weights_reverse, reverse=True,
+                                lengths=lengths)
+    expected = [torch.cat([forward, backward], 2), torch.stack([h_f, h_b]),
+                torch.stack([c_f, c_b])]
+    actual = [output, h_n, c_n]
+    leaves = [x, *hx] + [w for w in (*weights, *weights_reverse) if w is not None]
+    weights_out = [torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t) for t in actual]
+    for values in (actual, expected):
+        loss = sum((t * w).sum() for t, w in zip(values, weights_out))
+        values.extend(torch.autograd.grad(loss, leaves))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+def test_bidirectional_gradcheck():
+    x, hx, weights, weights_reverse, lengths = bidirectional_args(
+        True, [5, 2, 0, 4], sizes=(5, 4, 3, 4, 2))
+
+    def function(x, h0, c0, *flat):
+        output, (h_n, c_n) = lstm_fused.functional.lstm_bidirectional(
+            x, (h0, c0), flat[:5], flat[5:], lengths=lengths)
+        return output, h_n, c_n
+
+    assert torch.autograd.gradcheck(function, (x, *hx, *weights, *weights_reverse), atol=1e-8,
+                                    rtol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("proj,lengths", [(False, None), (True, [6, 2, 0, 5])])
+def test_bidirectional_opcheck(training, proj, lengths):
+    x, hx, weights, weights_reverse, lengths = bidirectional_args(
+        proj, lengths, dtype=torch.float32, requires_grad=training)
+    args = (x, *hx, *weights, *weights_reverse, lengths, training)
+    torch.library.opcheck(torch.ops.lstm_fused.bidirectional_forward.default, args)
+    if training:
+        y, h_n, c_n, gates, cells, gates_r, cells_r = (
+            torch.ops.lstm_fused.bidirectional_forward(*args))
+        grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
+        detached = [t.detach() if t is not None else None
+                    for t in (x, *hx, weights[0], weights[1], weights[4], weights_reverse[0],
+                              weights_reverse[1], weights_reverse[4])]
+        backward_args = (*grads, *detached, lengths, y.detach(), gates, cells, gates_r, cells_r,
+                         True)
+        torch.library.opcheck(torch.ops.lstm_fused.bidirectional_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_bidirectional_outputs_as_the_fake_kernel_declares(training, dtype):
+    x, hx, weights, weights_reverse, lengths = bidirectional_args(
+        True, [6, 2, 0, 5], dtype=dtype, requires_grad=False)
+    args = [x, *hx, *weights, *weights_reverse, lengths]
+    real = torch.ops.lstm_fused.bidirectional_forward(*args, training)
+    fake = lstm_ops._bidirectional_forward_fake(
+        *[a.to("meta") if a is not None else None for a in args], training)
+    for r, f in zip(real, fake):
+        assert (r.shape, r.dtype, r.is_contiguous()) == (f.shape, f.dtype, True)
+
+
+def test_bidirectional_bad_arguments_are_clear_errors():
+    x, hx, weights, weights_reverse, lengths = bidirectional_args(requires_grad=False)
+    op = torch.ops.lstm_fused.bidirectional_forward
+    with pytest.raises(RuntimeError, match=r"take h0 \[2, B, P\] and c0 \[2, B, H\]"):
+        op(x, hx[0][0], hx[1], *weights, *weights_reverse, lengths, False)
+    with pytest.raises(RuntimeError, match="both directions must have a projection"):
+        _, _, proj_weights, _, _ = bidirectional_args(proj=True, requires_grad=False)
+        op(x, *hx, *weights[:4], proj_weights[4], *weights_reverse, lengths, False)
+    narrow = tuple(w[:, :3] if w is not None and w.dim() == 2 else w for w in weights_reverse)
+    with pytest.raises(RuntimeError, match="w_ih has 3 input columns"):
+        op(x, *hx, *weights, *narrow, lengths, False)
