@@ -239,12 +239,31 @@ def _bidirectional_backward(ctx, grad_y, grad_h_n, grad_c_n, *_grad_saved):
     grad_y = torch.zeros_like(y) if grad_y is None else grad_y
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-    (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_w_ih_reverse,
-     grad_w_hh_reverse, grad_bias_reverse, grad_w_hr_reverse) = (
-        torch.ops.lstm_fused.bidirectional_backward(
-            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse,
-            w_hr_reverse, lengths, y, gates, cells, gates_reverse, cells_reverse,
-            any(ctx.bias_given)))
+    has_bias = any(ctx.bias_given)
+    if torch.is_grad_enabled():
+        # A graph of the gradient is wanted (create_graph): the one-direction backward ops, whose
+        # own autograd formula decides what differentiating them gives.
+        size = w_hh.shape[1]
+        directions = [
+            torch.ops.lstm_fused.backward(
+                grad_y[..., d * size:(d + 1) * size], grad_h_n[d], grad_c_n[d], x, h0[d], c0[d],
+                weights[0], weights[1], weights[2], lengths, y[..., d * size:(d + 1) * size],
+                saved[0], saved[1], d == 1, has_bias)
+            for d, weights, saved in ((0, (w_ih, w_hh, w_hr), (gates, cells)),
+                                      (1, (w_ih_reverse, w_hh_reverse, w_hr_reverse),
+                                       (gates_reverse, cells_reverse)))]
+        (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr), reverse = directions
+        grad_x = grad_x + reverse[0]
+        grad_h0 = torch.stack([grad_h0, reverse[1]])
+        grad_c0 = torch.stack([grad_c0, reverse[2]])
+        grad_w_ih_reverse, grad_w_hh_reverse, grad_bias_reverse, grad_w_hr_reverse = reverse[3:]
+    else:
+        (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_w_ih_reverse,
+         grad_w_hh_reverse, grad_bias_reverse, grad_w_hr_reverse) = (
+            torch.ops.lstm_fused.bidirectional_backward(
+                grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, w_ih_reverse,
+                w_hh_reverse, w_hr_reverse, lengths, y, gates, cells, gates_reverse,
+                cells_reverse, has_bias))
     given = ctx.bias_given
     return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
             grad_bias if given[0] else None, grad_bias if given[1] else None,

@@ -344,3 +344,20 @@ def test_bidirectional_bad_arguments_are_clear_errors():
     narrow = tuple(w[:, :3] if w is not None and w.dim() == 2 else w for w in weights_reverse)
     with pytest.raises(RuntimeError, match="w_ih has 3 input columns"):
         op(x, *hx, *weights, *narrow, lengths, False)
+
+
+def test_bidirectional_gradient_graph_takes_the_one_direction_ops():
+    """With create_graph the two-direction op's backward runs the one-direction backward ops (so
+    that a second derivative is what theirs is), with the same first derivatives; without, the
+    two-direction backward op."""
+    x, hx, weights, weights_reverse, lengths = bidirectional_args(True, [6, 2, 0, 5])
+    leaves = [x, *hx] + [w for w in (*weights, *weights_reverse) if w is not None]
+    results = []
+    for create_graph in (False, True):
+        output, (h_n, c_n) = lstm_fused.functional.lstm_bidirectional(
+            x, hx, weights, weights_reverse, lengths=lengths)
+        loss = (output * output.detach().cos()).sum() + h_n.sum() - c_n.sum()
+        results.append(torch.autograd.grad(loss, leaves, create_graph=create_graph))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert all(g.requires_grad for g in results[1])
