@@ -161,14 +161,17 @@ class LSTM(nn.RNNBase):
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for layer in range(self.num_layers):
-            if not torch.jit.is_scripting() and self.bidirectional and _both_directions_in_one_op():
-                states = slice(2 * layer, 2 * layer + 2)
-                sequence, (h, c) = lstm_bidirectional(
-                    sequence, (h0[states], c0[states]), self._layer_weights(layer, ""),
-                    self._layer_weights(layer, "_reverse"), lengths=lengths)
-                h_n.extend(h.unbind(0))
-                c_n.extend(c.unbind(0))
-            else:
+            both_done = False
+            if not torch.jit.is_scripting():  # TorchScript compiles none of this block
+                if self.bidirectional and _both_directions_in_one_op():
+                    states = slice(2 * layer, 2 * layer + 2)
+                    sequence, (h, c) = lstm_bidirectional(
+                        sequence, (h0[states], c0[states]), self._layer_weights(layer, ""),
+                        self._layer_weights(layer, "_reverse"), lengths=lengths)
+                    h_n.extend(h.unbind(0))
+                    c_n.extend(c.unbind(0))
+                    both_done = True
+            if not both_done:
                 outputs: List[Tensor] = []
                 for direction in range(num_directions):
                     index = layer * num_directions + direction
