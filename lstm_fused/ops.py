@@ -87,6 +87,15 @@ def _backward_formula(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, l
     return tuple(r.to(x.dtype) for r in results)
 
 
+def _direction_gradients(backward_args, grad_gates, grad_cells):
+    """The backward op on backward_args (its arguments, in order), or, where gradients reach the
+    saved activations, which only the backward op's own derivative sends (second derivatives),
+    its formula in differentiable operations, which takes them."""
+    if grad_gates is None and grad_cells is None:
+        return torch.ops.lstm_fused.backward(*backward_args)
+    return _backward_formula(*backward_args, grad_gates, grad_cells)
+
+
 def _forward_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training = inputs
     y, _, _, gates, cells = output
@@ -109,15 +118,9 @@ def _forward_backward(ctx, grad_y, grad_h_n, grad_c_n, grad_gates, grad_cells):
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     has_bias = any(ctx.bias_given)
-    args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates, cells,
-            ctx.reverse, has_bias)
-    if grad_gates is None and grad_cells is None:
-        grads = torch.ops.lstm_fused.backward(*args)
-    else:
-        # Gradients reach the saved activations only from the backward op's own derivative
-        # (second derivatives): its formula in differentiable operations takes them.
-        grads = _backward_formula(*args, grad_gates, grad_cells)
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = _direction_gradients(
+        (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates, cells,
+         ctx.reverse, has_bias), grad_gates, grad_cells)
     grad_b_ih = grad_bias if ctx.bias_given[0] else None
     grad_b_hh = grad_bias if ctx.bias_given[1] else None
     grad_w_hr = grad_w_hr if w_hr is not None else None
@@ -224,11 +227,12 @@ def _bidirectional_setup_context(ctx, inputs, output):
     ctx.training = training
     ctx.bias_given = (b_ih is not None, b_hh is not None, b_ih_reverse is not None,
                       b_hh_reverse is not None)
-    ctx.mark_non_differentiable(gates, cells, gates_reverse, cells_reverse)
+    # Gates and cells stay differentiable, as in the one-direction op: second derivatives send
+    # gradients to them.
     ctx.set_materialize_grads(False)
 
 
-def _bidirectional_backward(ctx, grad_y, grad_h_n, grad_c_n, *_grad_saved):
+def _bidirectional_backward(ctx, grad_y, grad_h_n, grad_c_n, *grad_saved):
     if not ctx.training:
         raise RuntimeError(
             "lstm_fused: backward through lstm_fused::bidirectional_forward called with "
@@ -240,15 +244,15 @@ def _bidirectional_backward(ctx, grad_y, grad_h_n, grad_c_n, *_grad_saved):
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     has_bias = any(ctx.bias_given)
-    if torch.is_grad_enabled():
-        # A graph of the gradient is wanted (create_graph): the one-direction backward ops, whose
-        # own autograd formula decides what differentiating them gives.
+    if torch.is_grad_enabled() or any(g is not None for g in grad_saved):
+        # A graph of the gradient is wanted (create_graph), or this is part of one: each
+        # direction as the one-direction op's formula computes it, differentiable likewise.
         size = w_hh.shape[1]
         directions = [
-            torch.ops.lstm_fused.backward(
-                grad_y[..., d * size:(d + 1) * size], grad_h_n[d], grad_c_n[d], x, h0[d], c0[d],
-                weights[0], weights[1], weights[2], lengths, y[..., d * size:(d + 1) * size],
-                saved[0], saved[1], d == 1, has_bias)
+            _direction_gradients(
+                (grad_y[..., d * size:(d + 1) * size], grad_h_n[d], grad_c_n[d], x, h0[d], c0[d],
+                 weights[0], weights[1], weights[2], lengths, y[..., d * size:(d + 1) * size],
+                 saved[0], saved[1], d == 1, has_bias), grad_saved[2 * d], grad_saved[2 * d + 1])
             for d, weights, saved in ((0, (w_ih, w_hh, w_hr), (gates, cells)),
                                       (1, (w_ih_reverse, w_hh_reverse, w_hr_reverse),
                                        (gates_reverse, cells_reverse)))]
@@ -276,5 +280,17 @@ def _bidirectional_backward(ctx, grad_y, grad_h_n, grad_c_n, *_grad_saved):
 torch.library.register_autograd(
     "lstm_fused::bidirectional_forward", _bidirectional_backward,
     setup_context=_bidirectional_setup_context)
+def _bidirectional_backward_backward(ctx, *grad_grads):
+    raise RuntimeError(
+        "lstm_fused: lstm_fused::bidirectional_backward has no derivative of its own; the "
+        "two-direction forward's autograd formula runs the one-direction backward ops when a "
+        "graph of the gradient is requested (create_graph=True), and those have one")
+
+
+def _bidirectional_backward_setup_context(ctx, inputs, output):
+    pass
+
+
 torch.library.register_autograd(
-    "lstm_fused::bidirectional_backward", _double_backward, setup_context=_backward_setup_context)
+    "lstm_fused::bidirectional_backward", _bidirectional_backward_backward,
+    setup_context=_bidirectional_backward_setup_context)
