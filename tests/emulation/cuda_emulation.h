@@ -10,8 +10,14 @@
 //
 // Limitations:
 //  - Linux/glibc only (ucontext + setjmp); x86-64 with g++ or clang.
-//  - No dynamic shared memory (shared_bytes must be 0), no warp intrinsics, no atomics, no streams
-//    (a launch is synchronous; the stream argument is ignored).
+//  - No dynamic shared memory (shared_bytes must be 0), no warp intrinsics, no streams (a launch
+//    is synchronous; the stream argument is ignored). Of the atomics only atomicAdd on integers
+//    (blocks run one after another, so every atomic is trivially atomic).
+//  - Asynchronous copies (__pipeline_memcpy_async, __pipeline_commit, __pipeline_wait_prior, as
+//    cuda_pipeline_primitives.h declares them) complete only when the issuing thread waits for
+//    their group; until then the destination holds 0xFF bytes (NaN in every floating-point type),
+//    so a read before the wait, by the issuing thread or, after a barrier, by any other, sees
+//    poison instead of the data. Described at their definition below.
 //  - Of the warp matrix functions (nvcuda::wmma, <mma.h>) only a subset, described at its
 //    definition below; each thread computes the whole warp's operation by itself.
 //  - Exceptions must not escape a kernel: one that does calls std::terminate.
@@ -22,11 +28,25 @@
 //    sites are not detected (they synchronise with each other as if at one barrier).
 //  - Switching stacks with longjmp is incompatible with CET shadow stacks; build with
 //    -fcf-protection=none where a toolchain turns shadow stacks on.
+//  - Under AddressSanitizer (-fsanitize=address) the fiber switches are announced to it, and
+//    __shared__ variables are plain statics, which it surrounds with redzones (it does not
+//    instrument thread_local storage); launches from different OS threads then run one at a time.
 #pragma once
 
 // Included before the CUDA keyword macros below so that they cannot change these headers.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CUDA_EMULATION_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUDA_EMULATION_ASAN 1
+#endif
+#endif
+#ifdef CUDA_EMULATION_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <math.h>
 #include <setjmp.h>
@@ -42,6 +62,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -70,8 +91,13 @@
 #define __align__(n) __attribute__((aligned(n)))
 #endif
 #ifndef __shared__
+#ifdef CUDA_EMULATION_ASAN
+// AddressSanitizer puts redzones around statics but not around thread_local storage.
+#define __shared__ static
+#else
 // All fibers of a block run on one OS thread, so a per-OS-thread static is per-block storage.
 #define __shared__ static thread_local
+#endif
 #endif
 
 // ---- Runtime types ----------------------------------------------------------------------------
@@ -118,11 +144,26 @@ extern "C" void cuda_emulation_detail_longjmp(jmp_buf env, int value) noexcept
 namespace cuda_emulation {
 namespace detail {
 
+// An asynchronous copy issued by a thread and not yet waited for (see __pipeline_memcpy_async).
+struct AsyncCopy {
+  unsigned char* destination;
+  const unsigned char* source;
+  unsigned bytes;          // copied from source; the rest up to `size` is zero-filled
+  unsigned size;           // 4, 8 or 16
+  std::uint64_t group;     // the commit group it belongs to
+  unsigned char data[16];  // the source as it was when the copy was issued
+};
+
 struct Fiber {
   jmp_buf context;     // where this fiber resumes
   dim3 thread_index;   // its threadIdx in the current launch
   void* mapping = nullptr;
   std::size_t mapping_bytes = 0;
+  void* stack_bottom = nullptr;  // the usable stack, above the guard page
+  std::size_t stack_bytes = 0;
+  void* fake_stack = nullptr;    // AddressSanitizer's, saved across switches
+  std::vector<AsyncCopy> async_copies;  // issued and not yet waited for
+  std::uint64_t async_group = 0;        // the group that copies issued now join
 };
 
 // Hot per-OS-thread state; trivially constructed so accesses need no TLS init check.
@@ -139,6 +180,11 @@ struct Scheduler {
   void* payload = nullptr;
   jmp_buf launcher{};  // the launching context, resumed when a block is done
   jmp_buf creator{};   // the context that is starting a new fiber
+  // The launching OS thread's stack, as AddressSanitizer reports it at the first switch.
+  const void* launcher_stack_bottom = nullptr;
+  std::size_t launcher_stack_bytes = 0;
+  void* launcher_fake_stack = nullptr;
+  bool leaving_launcher = false;  // the switch under way started in the launching context
 };
 
 inline thread_local Scheduler t_scheduler;
@@ -161,8 +207,40 @@ inline const dim3& current_grid_dim() noexcept { return t_grid_dim; }
   std::abort();
 }
 
+// Stack switches announced to AddressSanitizer (no-ops without it): leaving the running context
+// (a fiber, or null for the launching one) for `to`, and arriving in `self`.
+inline void leave_for(Fiber* from, const Fiber* to) noexcept {
+#ifdef CUDA_EMULATION_ASAN
+  Scheduler& s = t_scheduler;
+  s.leaving_launcher = from == nullptr;
+  __sanitizer_start_switch_fiber(from ? &from->fake_stack : &s.launcher_fake_stack,
+                                 to ? to->stack_bottom : s.launcher_stack_bottom,
+                                 to ? to->stack_bytes : s.launcher_stack_bytes);
+#else
+  (void)from;
+  (void)to;
+#endif
+}
+
+inline void arrive_in(Fiber* self) noexcept {
+#ifdef CUDA_EMULATION_ASAN
+  Scheduler& s = t_scheduler;
+  const void* bottom = nullptr;
+  std::size_t bytes = 0;
+  __sanitizer_finish_switch_fiber(self ? self->fake_stack : s.launcher_fake_stack, &bottom,
+                                  &bytes);
+  if (s.leaving_launcher) {
+    s.launcher_stack_bottom = bottom;
+    s.launcher_stack_bytes = bytes;
+  }
+#else
+  (void)self;
+#endif
+}
+
 [[noreturn]] inline void jump_to(Fiber* next) noexcept {
   Scheduler& s = t_scheduler;
+  leave_for(s.current, next);
   s.current = next;
   t_thread_idx = next->thread_index;
   cuda_emulation_detail_longjmp(next->context, 1);
@@ -170,8 +248,21 @@ inline const dim3& current_grid_dim() noexcept { return t_grid_dim; }
 
 [[noreturn]] inline void jump_to_launcher() noexcept {
   Scheduler& s = t_scheduler;
+  leave_for(s.current, nullptr);
   s.current = nullptr;
   cuda_emulation_detail_longjmp(s.launcher, 1);
+}
+
+// A thread must not end with asynchronous copies in flight: their data would never be read.
+inline void check_no_copies_in_flight(const Fiber& fiber) noexcept {
+  if (fiber.async_copies.empty()) return;
+  std::fprintf(stderr,
+               "cuda_emulation: thread (%u, %u, %u) of block (%u, %u, %u) returned with %zu "
+               "asynchronous copies (__pipeline_memcpy_async) that it never waited for\n",
+               fiber.thread_index.x, fiber.thread_index.y, fiber.thread_index.z, t_block_idx.x,
+               t_block_idx.y, t_block_idx.z, fiber.async_copies.size());
+  std::fflush(stderr);
+  std::abort();
 }
 
 inline Fiber* fiber_at(const Scheduler& s, unsigned position) noexcept {
@@ -202,14 +293,22 @@ inline Fiber* advance(bool exited) noexcept {
 [[noreturn]] inline void fiber_main() noexcept {
   Scheduler& s = t_scheduler;
   Fiber* const self = s.creating;
-  if (_setjmp(self->context) == 0) cuda_emulation_detail_longjmp(s.creator, 1);
+  arrive_in(self);
+  if (_setjmp(self->context) == 0) {
+    leave_for(self, nullptr);
+    cuda_emulation_detail_longjmp(s.creator, 1);
+  }
+  arrive_in(self);
   for (;;) {
     s.body(s.payload);
+    check_no_copies_in_flight(*self);
+    self->async_group = 0;
     Fiber* const next = advance(true);
     if (_setjmp(self->context) == 0) {
       if (next != nullptr) jump_to(next);
       jump_to_launcher();
     }
+    arrive_in(self);
   }
 }
 
@@ -241,6 +340,8 @@ class FiberPool {
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mapping == MAP_FAILED) fatal("cannot allocate a fiber stack");
     fiber->mapping = mapping;
+    fiber->stack_bottom = static_cast<char*>(mapping) + page;
+    fiber->stack_bytes = stack_bytes;
     // A guard page turns a stack overflow into a SIGSEGV instead of silent corruption.
     if (mprotect(mapping, page, PROT_NONE) != 0) fatal("cannot protect a fiber stack");
 
@@ -253,7 +354,11 @@ class FiberPool {
     Scheduler& s = t_scheduler;
     s.creating = fiber.get();
     // setcontext costs a signal-mask syscall, paid once per stack; fiber_main jumps back here.
-    if (_setjmp(s.creator) == 0) setcontext(&context);
+    if (_setjmp(s.creator) == 0) {
+      leave_for(nullptr, fiber.get());
+      setcontext(&context);
+    }
+    arrive_in(nullptr);
     s.creating = nullptr;
     return fiber.release();
   }
@@ -273,6 +378,7 @@ __attribute__((__noinline__)) inline void run_block(bool descending) {
   s.position = 0;
   s.exited = 0;
   if (_setjmp(s.launcher) == 0) jump_to(fiber_at(s, 0));
+  arrive_in(nullptr);
 }
 
 inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* payload) {
@@ -310,7 +416,9 @@ __attribute__((__noinline__)) inline void barrier() {
   Fiber* const self = s.current;
   if (self == nullptr) fatal("__syncthreads() called outside a kernel run by cuda_emulation::launch");
   Fiber* const next = advance(false);
-  if (next != self && _setjmp(self->context) == 0) jump_to(next);
+  if (next == self) return;
+  if (_setjmp(self->context) == 0) jump_to(next);
+  arrive_in(self);
 }
 
 inline cudaError_t validate(dim3 grid, dim3 block, std::size_t shared_bytes) {
@@ -344,6 +452,11 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t
     std::tuple<std::decay_t<Params>...> params;
   };
   Payload payload{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+#ifdef CUDA_EMULATION_ASAN
+  // __shared__ variables are process-wide statics here: one launch at a time.
+  static std::mutex one_launch_at_a_time;
+  std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+#endif
   detail::run_grid(
       grid, block,
       [](void* p) {
@@ -391,6 +504,151 @@ inline cudaError_t cudaGetLastError() {
 }
 
 inline cudaError_t cudaPeekAtLastError() { return ::cuda_emulation::detail::t_last_error; }
+
+// ---- Vector types, atomics, fences, cache-hinted loads -----------------------------------------
+// The 16- and 8-byte vector types with CUDA's alignment: an access through a misaligned pointer
+// is undefined behaviour that -fsanitize=alignment reports, as the GPU faults on it.
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(8) float2 { float x, y; };
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// Blocks run one after another on one OS thread, so these are atomic as they stand.
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline void __threadfence() { __asm__ __volatile__("" ::: "memory"); }
+template <typename T>
+inline T __ldcg(const T* address) {
+  return *address;
+}
+
+// ---- Asynchronous copies to shared memory: CUDA's cuda_pipeline_primitives.h ----------------
+// __pipeline_memcpy_async(dst, src, size, zfill) copies size - zfill bytes from src and zeros
+// the last zfill, asynchronously; __pipeline_commit() closes the calling thread's current group
+// of copies; __pipeline_wait_prior(n) waits until at most the n most recently committed groups
+// of the calling thread are still in flight. The data is visible to the issuing thread after
+// its wait, and to the other threads of the block after a __syncthreads() that follows it.
+//
+// Emulated faithfully enough that misuse shows: a copy completes only at the issuing thread's
+// wait (never at a barrier, nor by another thread's wait); until then its destination holds
+// 0xFF bytes, so reading it early gives NaN (or -1) instead of the data. Aborted with a message,
+// as undefined behaviour on a GPU: a size other than 4, 8 or 16 bytes, zfill > size, a
+// destination or source not aligned to the size, a second copy in flight to the same bytes, a
+// destination written (or a source changed) while its copy is in flight, and a thread that
+// returns with copies it never waited for. Called outside a kernel it aborts too.
+namespace cuda_emulation {
+namespace detail {
+
+[[noreturn]] __attribute__((__format__(__printf__, 2, 3))) inline void fail_async(
+    const char* function, const char* format, ...) noexcept {
+  std::fprintf(stderr, "cuda_emulation: %s", function);
+  if (t_scheduler.current != nullptr)
+    std::fprintf(stderr, " in thread (%u, %u, %u) of block (%u, %u, %u)", t_thread_idx.x,
+                 t_thread_idx.y, t_thread_idx.z, t_block_idx.x, t_block_idx.y, t_block_idx.z);
+  std::fprintf(stderr, ": ");
+  va_list arguments;
+  va_start(arguments, format);
+  std::vfprintf(stderr, format, arguments);
+  va_end(arguments);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::abort();
+}
+
+constexpr unsigned char kInFlight = 0xff;  // what a destination holds until its copy completes
+
+inline Fiber& issuing_fiber(const char* function) noexcept {
+  Fiber* const self = t_scheduler.current;
+  if (self == nullptr) fail_async(function, "called outside a kernel run by cuda_emulation::launch");
+  return *self;
+}
+
+inline void complete(const AsyncCopy& copy) noexcept {
+  for (unsigned i = 0; i < copy.size; ++i) {
+    if (copy.destination[i] != kInFlight)
+      fail_async("__pipeline_wait_prior",
+                 "the destination %p of an asynchronous copy was written while the copy was in "
+                 "flight", static_cast<void*>(copy.destination));
+  }
+  if (std::memcmp(copy.source, copy.data, copy.bytes) != 0)
+    fail_async("__pipeline_wait_prior",
+               "the source %p of an asynchronous copy changed while the copy was in flight",
+               static_cast<const void*>(copy.source));
+  std::memcpy(copy.destination, copy.data, copy.bytes);
+  std::memset(copy.destination + copy.bytes, 0, copy.size - copy.bytes);
+}
+
+}  // namespace detail
+}  // namespace cuda_emulation
+
+inline void __pipeline_memcpy_async(void* __restrict__ dst_shared,
+                                    const void* __restrict__ src_global, size_t size_and_align,
+                                    size_t zfill = 0) {
+  namespace emulation = ::cuda_emulation::detail;
+  emulation::Fiber& self = emulation::issuing_fiber("__pipeline_memcpy_async");
+  if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16)
+    emulation::fail_async("__pipeline_memcpy_async", "size %zu is not 4, 8 or 16 bytes",
+                          size_and_align);
+  if (zfill > size_and_align)
+    emulation::fail_async("__pipeline_memcpy_async", "zfill %zu exceeds the size %zu", zfill,
+                          size_and_align);
+  if (reinterpret_cast<std::uintptr_t>(dst_shared) % size_and_align != 0 ||
+      reinterpret_cast<std::uintptr_t>(src_global) % size_and_align != 0)
+    emulation::fail_async("__pipeline_memcpy_async",
+                          "destination %p or source %p is not aligned to the copy size %zu",
+                          dst_shared, src_global, size_and_align);
+  auto* const destination = static_cast<unsigned char*>(dst_shared);
+  for (const emulation::AsyncCopy& other : self.async_copies) {
+    if (destination < other.destination + other.size &&
+        other.destination < destination + size_and_align)
+      emulation::fail_async("__pipeline_memcpy_async",
+                            "a second asynchronous copy to %p while one to %p is in flight",
+                            dst_shared, static_cast<void*>(other.destination));
+  }
+  emulation::AsyncCopy copy;
+  copy.destination = destination;
+  copy.source = static_cast<const unsigned char*>(src_global);
+  copy.bytes = static_cast<unsigned>(size_and_align - zfill);
+  copy.size = static_cast<unsigned>(size_and_align);
+  copy.group = self.async_group;
+  std::memcpy(copy.data, src_global, copy.bytes);  // a source out of bounds fails here
+  std::memset(destination, emulation::kInFlight, size_and_align);
+  self.async_copies.push_back(copy);
+}
+
+inline void __pipeline_commit() {
+  ++::cuda_emulation::detail::issuing_fiber("__pipeline_commit").async_group;
+}
+
+inline void __pipeline_wait_prior(size_t prior) {
+  namespace emulation = ::cuda_emulation::detail;
+  emulation::Fiber& self = emulation::issuing_fiber("__pipeline_wait_prior");
+  // Groups [0, async_group) are committed; the newest `prior` of them may stay in flight, and so
+  // do copies not yet committed (group == async_group).
+  const std::uint64_t complete_below = self.async_group > prior ? self.async_group - prior : 0;
+  std::size_t kept = 0;
+  for (const emulation::AsyncCopy& copy : self.async_copies) {
+    if (copy.group < complete_below) {
+      emulation::complete(copy);
+    } else {
+      self.async_copies[kept++] = copy;
+    }
+  }
+  self.async_copies.resize(kept);
+}
 
 // ---- Warp matrix functions: nvcuda::wmma, as CUDA's <mma.h> declares them ----------------------
 // Used as in CUDA (`namespace wmma = nvcuda::wmma;`), with no include beyond this header.
