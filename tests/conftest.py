@@ -37,11 +37,12 @@ def pytest_configure(config):
     compiler = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
     if compiler is None:
         raise pytest.UsageError("LSTM_FUSED_EMULATION_SANITIZE=1 needs a C++ compiler")
-    runtime = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True,
-                             text=True).stdout.strip()
-    if not os.path.isabs(runtime):
+    # libstdc++ too, so that the sanitizer finds the real __cxa_throw it intercepts.
+    runtimes = [subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True,
+                               text=True).stdout.strip() for name in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(runtime) for runtime in runtimes):
         raise pytest.UsageError(f"LSTM_FUSED_EMULATION_SANITIZE=1: {compiler} has no libasan")
-    env = dict(os.environ, LD_PRELOAD=runtime)
+    env = dict(os.environ, LD_PRELOAD=" ".join(os.path.realpath(r) for r in runtimes))
     # Python and torch keep memory until exit: leaks are not what this run looks for.
     env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")

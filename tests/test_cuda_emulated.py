@@ -48,7 +48,7 @@ def emulated(tmp_path_factory):
     flags = ["-O2", "-DLSTM_FUSED_EMULATE_CUDA", f"-I{ROOT / 'tests' / 'emulation'}",
              f"-I{ROOT / 'csrc' / 'cuda'}"]
     if SANITIZE:
-        flags = ["-O1", "-g"] + flags[1:] + SANITIZER_FLAGS
+        flags = ["-O1", "-g1"] + flags[1:] + SANITIZER_FLAGS
     cpp_extension.load(
         name="lstm_fused_emulated_sanitized" if SANITIZE else "lstm_fused_emulated",
         sources=[str(ROOT / "csrc" / "lstm.cpp"), str(ROOT / "csrc" / "cuda" / "lstm_cuda.cpp"),
