@@ -73,7 +73,7 @@ class GridEntry:
 # Shapes named in the speed goals of the other issues, as (B, T, I, H) and the modes they name.
 CPU_GOALS = [((1, 256, 256, 256), None), ((32, 35, 256, 256), None), ((64, 64, 512, 512), None)]
 GPU_GOALS = [((64, 128, 512, 512), ("training",)), ((256, 64, 1024, 1024), ("training",)),
-             ((1, 256, 512, 512), ("inference",))]
+             ((1, 256, 512, 512), ("inference",)), ((8, 256, 512, 512), None)]
 
 # Sweeps move one axis at a time around a base point; in the hidden sweep the input size follows
 # the hidden size (I = H), as in every layer after the first of a stacked LSTM.
