@@ -7,7 +7,6 @@ import pytest
 import torch
 
 
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
