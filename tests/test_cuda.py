@@ -3,7 +3,10 @@
 lstm_fused.LSTM against nn.LSTM (cuDNN) and a float64 copy of it over odd sizes and every dtype,
 each forced kernel path against the float64 reference (lengths, reverse, projections,
 PackedSequence), gradcheck, opcheck, poisoned memory, bitwise determinism, a side stream, a second
-GPU, non-contiguous inputs, replace_lstm, torch.compile and autocast.
+GPU, non-contiguous inputs, replace_lstm, torch.compile and autocast; the GEMMs' TF32 flag; capture
+in CUDA graphs (both ops, a module, torch.compile(mode="reduce-overhead")) with no host
+synchronisation; and the every-kernel subset that benchmarks/gpu_check.sh runs under
+compute-sanitizer.
 
 Skipped without a GPU. test_cuda_emulated.py runs the same CUDA code on the CPU through an emulator
 and covers the kernels' shapes, tiles and tails without one; this file checks what only the
@@ -429,8 +432,11 @@ def test_forward_and_backward_replay_from_a_cuda_graph(path, dtype, proj, length
             graph.replay()
             replayed = [t.clone() for t in captured]
             eager = ops()
+            # The same kernels on the same inputs; cuBLAS may pick another algorithm in a
+            # graph, so float32 to rounding and bfloat16 to a unit in its last place.
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
             for name, a, e in zip(("y", "h_n", "c_n") + OP_GRAD_NAMES, replayed, eager):
-                torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5,
+                torch.testing.assert_close(a, e, atol=tolerance, rtol=tolerance,
                                            msg=lambda m, n=name: f"{n}: {m}")
 
 

@@ -489,7 +489,7 @@ __device__ __forceinline__ void block_product(const Operands<T>& op,
 // ---- The kernels --------------------------------------------------------------------------------
 
 template <class Cfg, typename T>
-__global__ void __launch_bounds__(Cfg::THREADS, 1)
+__global__ void __launch_bounds__(Cfg::THREADS, 2)
     forward_step_kernel(const ForwardStep<T> s, const bool vector) {
   using Acc = acc_t<T>;
   const int64_t H = s.hidden_size, P = s.output_size;
@@ -552,7 +552,7 @@ __device__ __forceinline__ acc_t<T> received_hidden_grad(const BackwardStep<T>& 
 }
 
 template <class Cfg, typename T, BackwardMode kMode>
-__global__ void __launch_bounds__(Cfg::THREADS, 1)
+__global__ void __launch_bounds__(Cfg::THREADS, 2)
     backward_step_kernel(const BackwardStep<T> s, const bool vector) {
   using Acc = acc_t<T>;
   const int64_t H = s.hidden_size, P = s.output_size;
