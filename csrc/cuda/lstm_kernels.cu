@@ -56,6 +56,9 @@ struct ScalarTile {
                 "the K reduction gives every thread an equal share");
   static_assert(THREADS <= 1024, "too many threads");
   static constexpr bool kTensorCores = false;
+  // Two blocks per multiprocessor bound the registers (128 per thread for 256 threads); float64's
+  // twice-wide accumulators would spill there.
+  static constexpr int MIN_BLOCKS = STAGES > 2 ? 2 : 1;
   __host__ __device__ static constexpr int units(int /*gates*/) { return UNITS; }
 };
 
@@ -71,6 +74,7 @@ struct TensorTile {
   static constexpr int THREADS = 128;
   static_assert(KT % 16 == 0, "tile does not divide");
   static constexpr bool kTensorCores = true;
+  static constexpr int MIN_BLOCKS = 2;
   __host__ __device__ static constexpr int units(int gates) { return COLUMNS / gates; }
 };
 
@@ -184,7 +188,7 @@ __device__ __forceinline__ void copy_rows(T* tile, const T* source, int k_size, 
   } else {
     constexpr int ELEMENTS = ROWS * KT;
     constexpr int ROUNDS = (ELEMENTS + THREADS - 1) / THREADS;
-#pragma unroll 4
+#pragma unroll 1
     for (int i = 0; i < ROUNDS; ++i) {
       const int e = static_cast<int>(threadIdx.x) + i * THREADS;
       if (ELEMENTS % THREADS != 0 && e >= ELEMENTS) break;
@@ -489,7 +493,7 @@ __device__ __forceinline__ void block_product(const Operands<T>& op,
 // ---- The kernels --------------------------------------------------------------------------------
 
 template <class Cfg, typename T>
-__global__ void __launch_bounds__(Cfg::THREADS, 2)
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
     forward_step_kernel(const ForwardStep<T> s, const bool vector) {
   using Acc = acc_t<T>;
   const int64_t H = s.hidden_size, P = s.output_size;
@@ -552,7 +556,7 @@ __device__ __forceinline__ acc_t<T> received_hidden_grad(const BackwardStep<T>& 
 }
 
 template <class Cfg, typename T, BackwardMode kMode>
-__global__ void __launch_bounds__(Cfg::THREADS, 2)
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
     backward_step_kernel(const BackwardStep<T> s, const bool vector) {
   using Acc = acc_t<T>;
   const int64_t H = s.hidden_size, P = s.output_size;
