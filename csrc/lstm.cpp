@@ -142,30 +142,44 @@ BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_g
                                     const at::Tensor& w_ih, const at::Tensor& y,
                                     const at::Tensor& grad_proj_out, const at::Tensor& hidden_all,
                                     at::Tensor grad_h0, at::Tensor grad_c0, bool reverse,
-                                    bool has_bias) {
+                                    bool has_bias, const Matmul& matmul) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const auto options = x.options();
+  auto product = [&](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    if (matmul) {
+      matmul(out, a, b, accumulate);
+    } else if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+  };
   const at::Tensor grad_gates_2d = grad_gates.reshape({T * B, 4 * H});
-  at::Tensor grad_x = at::mm(grad_gates_2d, w_ih).view({T, B, s.input_size});
-  at::Tensor grad_w_ih = at::mm(grad_gates_2d.t(), x.reshape({T * B, s.input_size}));
+  at::Tensor grad_x = at::empty({T * B, s.input_size}, options);
+  product(grad_x, grad_gates_2d, w_ih, false);
+  at::Tensor grad_w_ih = at::empty({4 * H, s.input_size}, options);
+  product(grad_w_ih, grad_gates_2d.t(), x.reshape({T * B, s.input_size}), false);
   // Step t started from y[t -/+ 1], or from h0 for the first step processed.
   at::Tensor grad_w_hh = at::zeros({4 * H, P}, options);
   if (T > 0) {
     const int64_t first = reverse ? T - 1 : 0;
-    grad_w_hh.addmm_(grad_gates.select(0, first).t(), h0);
+    product(grad_w_hh, grad_gates.select(0, first).t(), h0, true);
     if (T > 1) {
       const at::Tensor later_gates = reverse ? grad_gates.narrow(0, 0, T - 1)
                                              : grad_gates.narrow(0, 1, T - 1);
       const at::Tensor previous_y = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-      grad_w_hh.addmm_(later_gates.reshape({-1, 4 * H}).t(), previous_y.reshape({-1, P}));
+      product(grad_w_hh, later_gates.reshape({-1, 4 * H}).t(), previous_y.reshape({-1, P}), true);
     }
   }
   at::Tensor grad_bias = has_bias ? grad_gates_2d.sum(0) : at::empty({0}, options);
-  at::Tensor grad_w_hr = grad_proj_out.defined()
-                             ? at::mm(grad_proj_out.reshape({T * B, P}).t(),
-                                      hidden_all.reshape({T * B, H}))
-                             : at::empty({0}, options);
-  return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  at::Tensor grad_w_hr = at::empty({0}, options);
+  if (grad_proj_out.defined()) {
+    grad_w_hr = at::empty({P, H}, options);
+    product(grad_w_hr, grad_proj_out.reshape({T * B, P}).t(), hidden_all.reshape({T * B, H}),
+            false);
+  }
+  return {grad_x.view({T, B, s.input_size}), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
+          grad_w_hr};
 }
 
 #ifndef LSTM_FUSED_EMULATE_CUDA

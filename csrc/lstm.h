@@ -27,6 +27,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -69,8 +70,13 @@ ForwardResult forward_result(const LstmSizes& s, at::Tensor y, at::Tensor cells,
                              const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                              bool reverse, bool training);
 
+// The matrix products of gradients_over_steps: out = a b, plus out's old value when accumulate
+// (out: a [rows, columns] tensor with unit column stride; a, b: any strides).
+using Matmul = std::function<void(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                  bool accumulate)>;
+
 // What backward computes after the pass back in time, the same on every device: dx, dW_ih, dW_hh,
-// the bias gradient and dW_hr as large GEMMs over all T * B rows, from
+// the bias gradient and dW_hr as large GEMMs over all T * B rows (by `matmul`, else ATen's), from
 //   grad_gates: [T, B, 4H] dL/dz, the pre-activation gate gradients of every step
 //   grad_proj_out, hidden_all: [T, B, P] dL/dy_t in total and [T, B, H] o * tanh(c_t) (with a
 //   projection; else undefined)
@@ -80,7 +86,7 @@ BackwardResult gradients_over_steps(const LstmSizes& s, const at::Tensor& grad_g
                                     const at::Tensor& w_ih, const at::Tensor& y,
                                     const at::Tensor& grad_proj_out, const at::Tensor& hidden_all,
                                     at::Tensor grad_h0, at::Tensor grad_c0, bool reverse,
-                                    bool has_bias);
+                                    bool has_bias, const Matmul& matmul = {});
 
 // Both directions of a bidirectional layer in one op (so that the CUDA persistent kernel can run
 // them in one launch). h0 [2, B, P] and c0 [2, B, H] stack the directions' states; the reverse

@@ -29,7 +29,8 @@ def _jit_build() -> None:
             "`pip install --no-build-isolation .`"
         )
     sources = [str(_SOURCE_ROOT / "lstm.cpp")] + sorted(str(p) for p in _SOURCE_ROOT.glob("cpu/*.cpp"))
-    cuda_sources = sorted(str(p) for p in _SOURCE_ROOT.glob("cuda/*.c*"))
+    cuda_sources = sorted(str(p) for pattern in ("cuda/*.cpp", "cuda/*.cu")
+                          for p in _SOURCE_ROOT.glob(pattern))
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None

@@ -11,15 +11,17 @@ _PATHS = {
     #        batch 128)
     # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 128)
     "cpu": ["fused", "gemm"],
-    # One fused kernel launch per step, with a block tile of (batch rows x hidden units):
-    # step_small: 4 x 4, the product split along K too (the default up to batch 4)
-    # step_medium: 16 x 16 (the default when the large tile leaves multiprocessors idle)
-    # step_large: 64 x 32, or 32 x 16 for float16/bfloat16 (the default when it gives every
-    #             multiprocessor a block)
-    # float16/bfloat16 run step_medium and step_large on tensor cores (sm_80+).
+    # One fused kernel launch per step, with a block tile of batch rows x hidden units; the path
+    # names the tile's height, the launcher picks its width and any split of K over blocks so
+    # that every multiprocessor gets a block:
+    # step_small: 8 rows, 4 or 2 units, CUDA cores (the default up to batch 8)
+    # step_medium: 16 rows
+    # step_large: 32 rows (64 on CUDA cores)
+    # float16/bfloat16, and float32 as TF32 where cuDNN's RNN setting allows it, run step_medium
+    # and step_large on tensor cores (sm_80+); auto picks between them above batch 8.
     # persistent: one cooperative launch for the whole sequence, each block keeping its slice of
-    #             W_hh on chip (the default where it fits and its cost model expects it faster;
-    #             forced where it cannot run, an error says why)
+    #             W_hh on chip (the default where it fits and the cost model expects it faster
+    #             than the step kernels' plan; forced where it cannot run, an error says why)
     "cuda": ["step_small", "step_medium", "step_large", "persistent"],
 }
 

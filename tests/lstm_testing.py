@@ -275,3 +275,63 @@ def compare_with_reference(outputs, grads, expected_outputs, expected_grads, ato
         if name in expected_grads:
             torch.testing.assert_close(actual.double(), expected_grads[name], atol=atol,
                                        rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+# ---- The two-direction ops (bidirectional_forward / bidirectional_backward) ----------------
+
+def pair_inputs(T, B, I, H, P=0, dtype=torch.float64, lengths=None, seed=0, bias=True):
+    """make_inputs for both directions of a layer: the forward and the reverse direction's
+    arguments, sharing x and lengths."""
+    forward = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=seed, bias=bias)
+    reverse = make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths, seed=seed + 100, bias=bias)
+    reverse["x"], reverse["lengths"] = forward["x"], forward["lengths"]
+    return forward, reverse
+
+
+def pair_args(f, r):
+    """The two-direction forward op's tensor arguments, in order."""
+    return [f["x"], torch.stack([f["h0"], r["h0"]]), torch.stack([f["c0"], r["c0"]]),
+            f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["w_hr"],
+            r["w_ih"], r["w_hh"], r["b_ih"], r["b_hh"], r["w_hr"], f["lengths"]]
+
+
+# The gradients the two-direction backward op returns, by name.
+PAIR_GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "w_hr", "w_ih_reverse",
+                   "w_hh_reverse", "b_ih_reverse", "w_hr_reverse")
+
+
+def run_pair(namespace, f, r):
+    """Forward and backward through the two-direction ops, as lstm_fused.LSTM uses them."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, lengths = (
+        pair_args(f, r))
+    y, h_n, c_n, gates, cells, gates_r, cells_r = namespace.bidirectional_forward(
+        *pair_args(f, r), True)
+    generator = torch.Generator().manual_seed(1)
+    grad_y, grad_h, grad_c = (torch.randn(t.shape, generator=generator,
+                                          dtype=torch.float64).to(t.dtype)
+                              for t in (y, h_n, c_n))
+    pad = padding(f)
+    if pad is not None:
+        grad_y = grad_y.masked_fill(pad, 0.0)
+    grads = namespace.bidirectional_backward(
+        grad_y, grad_h, grad_c, x, h0, c0, w_ih, w_hh, w_hr, w_ih_r, w_hh_r, w_hr_r, lengths, y,
+        gates, cells, gates_r, cells_r, b_ih is not None)
+    if pad is not None:
+        y = y.masked_fill(pad, 0.0)
+    return (y, h_n, c_n), grads, (grad_y, grad_h, grad_c)
+
+
+def pair_reference(f, r, upstream):
+    """The float64 op reference of each direction, put together as the two-direction ops
+    return them."""
+    grad_y, grad_h, grad_c = upstream
+    P = grad_y.shape[2] // 2
+    (y, h_n, c_n), grads = op_reference(f, False, (grad_y[..., :P], grad_h[0], grad_c[0]))
+    (y_r, h_n_r, c_n_r), grads_r = op_reference(r, True,
+                                                (grad_y[..., P:], grad_h[1], grad_c[1]))
+    expected = {"x": grads["x"] + grads_r["x"], "h0": torch.stack([grads["h0"], grads_r["h0"]]),
+                "c0": torch.stack([grads["c0"], grads_r["c0"]])}
+    for name in ("w_ih", "w_hh", "b_ih", "w_hr"):
+        if name in grads:
+            expected[name], expected[name + "_reverse"] = grads[name], grads_r[name]
+    return (torch.cat([y, y_r], 2), torch.stack([h_n, h_n_r]), torch.stack([c_n, c_n_r])), expected

@@ -1,9 +1,13 @@
 """lstm_fused on a real CUDA GPU.
 
 lstm_fused.LSTM against nn.LSTM (cuDNN) and a float64 copy of it over odd sizes and every dtype,
-each forced kernel path against the float64 reference (lengths, reverse, projections,
-PackedSequence), gradcheck, opcheck, poisoned memory, bitwise determinism, a side stream, a second
-GPU, non-contiguous inputs, replace_lstm, torch.compile and autocast.
+each forced kernel path (the step tiles and the persistent kernel) against the float64 reference
+(lengths, reverse, projections, PackedSequence), gradcheck, opcheck, poisoned memory, bitwise
+determinism, a side stream, a second GPU, non-contiguous inputs, replace_lstm, torch.compile and
+autocast; the GEMMs' TF32 flag; capture in CUDA graphs (both ops, a module,
+torch.compile(mode="reduce-overhead")) with no host synchronisation; the dispatch between the
+persistent kernel and the step kernels and its fallbacks; and the every-kernel subset that
+benchmarks/gpu_check.sh runs under compute-sanitizer.
 
 Skipped without a GPU. test_cuda_emulated.py runs the same CUDA code on the CPU through an emulator
 and covers the kernels' shapes, tiles and tails without one; this file checks what only the
@@ -14,26 +18,20 @@ import copy
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import lstm_fused
-from conftest import OP_GRAD_NAMES, assert_close_to, float64_copy, make_pair, op_reference
+from lstm_testing import (ARG_NAMES, DTYPES, OP_GRAD_NAMES, TOLERANCES, Tagger,
+                          assert_bitwise_equal, check_against_nn_lstm, compare_with_reference,
+                          dtype_id, functional_args, lengths_for, make_inputs, make_pair,
+                          module_inputs, op_reference, outputs_and_grads, poison_memory, run_op)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 PATHS = lstm_fused.available_paths("cuda")
+PERSISTENT = "persistent"
+STEP_TILES = [path for path in PATHS if path != PERSISTENT]
 FORCED_BUT_CANNOT_RUN = "the persistent kernel was forced (LSTM_FUSED_PATH=persistent) but"
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-ARG_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths")
-
-# Half types: max |ours - float64| <= 2 max |nn.LSTM - float64| + atol * max(1, max |float64|),
-# per tensor (per element, nn.LSTM's rounding sometimes lands exactly on the float64 value). The
-# atol is (outputs, gradients): float16 keeps 11 significant bits (unit roundoff 2^-11 = 4.9e-4),
-# bfloat16 8 (2^-8 = 3.9e-3). Outputs get about two units, the rounding of a result and of the
-# half-precision h_t it was computed from; gradients, sums over T * B products of half-rounded
-# factors, get eight.
-HALF_ATOL = {torch.float16: (1e-3, 4e-3), torch.bfloat16: (8e-3, 3e-2)}
 
 
 @contextlib.contextmanager
@@ -49,10 +47,6 @@ def forced(path):
         pytest.skip(str(error))
 
 
-def dtype_id(dtype):
-    return str(dtype).replace("torch.", "")
-
-
 @pytest.fixture(autouse=True)
 def no_tf32():
     """Full float32 products in cuDNN and cuBLAS, for nn.LSTM and our GEMMs alike."""
@@ -63,93 +57,16 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def poison_allocator():
-    """Leaves free blocks of the CUDA caching allocator (current stream, small and large pools)
-    full of 0xFF bytes, a NaN in every floating-point dtype: an element an op never writes then
-    reads as NaN."""
-    blocks = [torch.full((numel,), 255, dtype=torch.uint8, device=CUDA)
-              for numel in (1 << 9, 1 << 12, 1 << 16, 1 << 20, 1 << 24) for _ in range(8)]
-    del blocks
+def poison():
+    poison_memory(CUDA)
 
-
-# ---------------------------------------------------------------------------------------------
-# Module-level helpers: lstm_fused.LSTM and nn.LSTM with the same weights.
 
 def cuda_pair(seed=0, dtype=torch.float32, **config):
-    reference, fused = make_pair(seed, **config)
-    return reference.to(device=CUDA, dtype=dtype), fused.to(device=CUDA, dtype=dtype)
+    return make_pair(seed, device=CUDA, dtype=dtype, **config)
 
 
-def module_inputs(module, T, B, dtype=torch.float32, seed=0, device=CUDA):
-    """x ([B, T, I] with batch_first, else [T, B, I]), h_0 and c_0 for module, drawn in float32 on
-    the CPU (every dtype gets the same values, rounded)."""
-    generator = torch.Generator().manual_seed(seed)
-    states = module.num_layers * (2 if module.bidirectional else 1)
-    shape = (B, T, module.input_size) if module.batch_first else (T, B, module.input_size)
-    x = torch.randn(shape, generator=generator)
-    h0 = torch.randn(states, B, module.proj_size or module.hidden_size, generator=generator)
-    c0 = torch.randn(states, B, module.hidden_size, generator=generator)
-    return tuple(t.to(device=device, dtype=dtype) for t in (x, h0, c0))
-
-
-def upstream(t):
-    """Weights w of the loss sum(t * w): multiples of 1/4 in [-1, 1], exact in every dtype, made on
-    t's device and stream without a host synchronisation."""
-    steps = torch.arange(t.numel(), device=t.device, dtype=torch.float64)
-    return ((steps * 7) % 9 - 4).div(4).reshape(t.shape)
-
-
-def outputs_and_grads(module, x, hx, lengths=None):
-    """module's outputs, and the gradients of a fixed weighted sum of them with respect to x, h_0,
-    c_0 and every parameter, by name. With lengths (CPU int64), x is packed first."""
-    x = x.detach().requires_grad_()
-    hx = tuple(t.detach().requires_grad_() for t in hx)
-    sequence = x
-    if lengths is not None:
-        sequence = pack_padded_sequence(x, lengths, batch_first=module.batch_first,
-                                        enforce_sorted=False)
-    output, (h_n, c_n) = module(sequence, hx)
-    data = output.data if isinstance(output, PackedSequence) else output
-    outputs = {"output": data, "h_n": h_n, "c_n": c_n}
-    loss = sum((t.double() * upstream(t)).sum() for t in outputs.values())
-    names = ["input", "h_0", "c_0"] + [name for name, _ in module.named_parameters()]
-    grads = torch.autograd.grad(loss, [x, *hx, *module.parameters()])
-    return outputs, dict(zip(names, grads))
-
-
-def assert_as_accurate_as_nn_lstm(actual, expected, reference64, atol, name):
-    scale = max(1.0, reference64.abs().max().item())
-    error = (actual.double() - reference64).abs().max().item()
-    own_error = (expected.double() - reference64).abs().max().item()
-    assert error <= 2 * own_error + atol * scale, (
-        f"{name}: max |fused - float64| = {error:.3g}, max |nn.LSTM - float64| = "
-        f"{own_error:.3g}, max |float64| = {scale:.3g}")
-
-
-def check_against_nn_lstm(reference, fused, x, hx):
-    """Outputs and every gradient of fused against nn.LSTM in the same dtype and a float64 copy of
-    it (fed the same, possibly half-rounded, values)."""
-    dtype = x.dtype
-    expected = outputs_and_grads(reference, x, hx)
-    actual = outputs_and_grads(fused, x, hx)
-    exact = outputs_and_grads(float64_copy(reference), x.double(), tuple(t.double() for t in hx))
-    for prefix, index in (("", 0), ("grad ", 1)):
-        assert actual[index].keys() == expected[index].keys()
-        for name, expected_value in expected[index].items():
-            value, value64 = actual[index][name], exact[index][name]
-            assert value.shape == expected_value.shape and value.dtype == dtype, prefix + name
-            if dtype in HALF_ATOL:
-                atol = HALF_ATOL[dtype][index]
-                assert_as_accurate_as_nn_lstm(value, expected_value, value64, atol, prefix + name)
-            else:
-                assert_close_to(value, expected_value, value64, dtype, prefix + name)
-
-
-def assert_bitwise_equal(actual, expected):
-    for a, e in zip(actual, expected):  # outputs, then gradients
-        assert a.keys() == e.keys()
-        for name in e:
-            assert torch.equal(a[name], e[name]), f"{name} differs"
+def cuda_inputs(*shape, **options):
+    return make_inputs(*shape, device=CUDA, **options)
 
 
 # T, B, I, H, num_layers, bidirectional, proj_size, batch_first: each B in (1, 3, 129), each H in
@@ -178,7 +95,7 @@ def build(config, dtype):
     reference, fused = cuda_pair(dtype=dtype, input_size=I, hidden_size=H, num_layers=num_layers,
                                  bidirectional=bidirectional, proj_size=proj_size,
                                  batch_first=batch_first)
-    x, h0, c0 = module_inputs(fused, T, B, dtype, seed=B + H)
+    x, h0, c0 = module_inputs(fused, T, B, dtype, seed=B + H, device=CUDA)
     return reference, fused, x, (h0, c0)
 
 
@@ -194,65 +111,7 @@ def test_matches_nn_lstm_every_dtype(config, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Op-level helpers (as in test_cuda_emulated.py): torch.ops.lstm_fused against lstm_reference.
-
-def make_inputs(T, B, I, H, P=0, bias=True, dtype=torch.float64, lengths=None, seed=0):
-    """The op's arguments on the GPU: uniform values drawn in float64 on the CPU and rounded to
-    dtype; x in [-1, 1], the rest in [-0.5, 0.5], weights narrower beyond 64 inputs (so that
-    products over H = 1000 stay of order 1, as with nn.LSTM's initialisation)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.5):
-        values = (torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale
-        return values.to(device=CUDA, dtype=dtype)
-
-    def weight(rows, fan_in):
-        return rand(rows, fan_in, scale=0.5 * min(1.0, (64 / fan_in) ** 0.5))
-
-    out = P or H
-    return dict(
-        x=rand(T, B, I, scale=1.0), h0=rand(B, out), c0=rand(B, H), w_ih=weight(4 * H, I),
-        w_hh=weight(4 * H, out), b_ih=rand(4 * H) if bias else None,
-        b_hh=rand(4 * H) if bias else None, w_hr=weight(P, H) if P else None,
-        lengths=None if lengths is None else torch.tensor(lengths, dtype=torch.int64,
-                                                          device=CUDA))
-
-
-def lengths_for(T, B):
-    """T, 0, T // 3, 2T // 3, T, 0, ...: full, empty and short rows, unsorted."""
-    return [T * ((b + 3) % 4) // 3 for b in range(B)]
-
-
-def padding(inputs):
-    if inputs["lengths"] is None:
-        return None
-    steps = torch.arange(inputs["x"].shape[0], device=CUDA)
-    return (steps[:, None] >= inputs["lengths"][None, :])[:, :, None]
-
-
-def run_op(inputs, reverse):
-    """Forward (training) and backward through torch.ops.lstm_fused, as lstm_fused.lstm uses them:
-    padded outputs are zeros and receive no gradient. The allocator is poisoned before each op.
-    Returns (y, h_n, c_n), the backward's results, the upstream gradients, and (y as forward
-    returned it, gates, cells)."""
-    args = [inputs[k] for k in ARG_NAMES]
-    poison_allocator()
-    y, h_n, c_n, gates, cells = torch.ops.lstm_fused.forward(*args, reverse, True)
-    pad = padding(inputs)
-    generator = torch.Generator().manual_seed(1)
-    grad_y, grad_h, grad_c = (
-        torch.randn(t.shape, generator=generator, dtype=torch.float64).to(CUDA, t.dtype)
-        for t in (y, h_n, c_n))
-    if pad is not None:
-        grad_y = grad_y.masked_fill(pad, 0.0)
-    poison_allocator()
-    # Backward takes y as forward returned it: with the carried state at padded steps.
-    grads = torch.ops.lstm_fused.backward(grad_y, grad_h, grad_c, *args[:5], inputs["w_hr"],
-                                          inputs["lengths"], y, gates, cells, reverse,
-                                          inputs["b_ih"] is not None)
-    masked_y = y if pad is None else y.masked_fill(pad, 0.0)
-    return (masked_y, h_n, c_n), grads, (grad_y, grad_h, grad_c), (y, gates, cells)
-
+# Each kernel path against the float64 reference of the ops.
 
 # (T, B, I, H, P): T = 1 and 37, batch 1, 3, 5, 33, 129, hidden sizes with tails and H = 1000,
 # projections.
@@ -272,25 +131,19 @@ PATH_SHAPES = [
 @pytest.mark.parametrize("path", PATHS)
 def test_each_path_matches_float64_reference(path, shape, reverse, with_lengths):
     T, B, I, H, P = shape
-    inputs = make_inputs(T, B, I, H, P, lengths=lengths_for(T, B) if with_lengths else None,
+    inputs = cuda_inputs(T, B, I, H, P, lengths=lengths_for(T, B) if with_lengths else None,
                          seed=sum(shape))
     with forced(path):
-        outputs, grads, upstream_grads, _ = run_op(inputs, reverse)
-    expected_outputs, expected_grads = op_reference(inputs, reverse, upstream_grads)
-    for name, actual, expected in zip(("y", "h_n", "c_n"), outputs, expected_outputs):
-        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10,
-                                   msg=lambda m, n=name: f"{n}: {m}")
-    for name, actual in zip(OP_GRAD_NAMES, grads):
-        if name in expected_grads:
-            torch.testing.assert_close(actual, expected_grads[name], atol=1e-12, rtol=1e-10,
-                                       msg=lambda m, n=name: f"grad {n}: {m}")
+        outputs, grads, upstream_grads, _ = run_op(inputs, reverse, before_each=poison)
+    compare_with_reference(outputs, grads, *op_reference(inputs, reverse, upstream_grads),
+                           atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_each_path_packed_sequence_matches_float64_nn_lstm(path):
     reference, fused = cuda_pair(dtype=torch.float64, input_size=5, hidden_size=33, num_layers=2,
                                  bidirectional=True, proj_size=7)
-    x, h0, c0 = module_inputs(fused, 9, 6, torch.float64, seed=5)
+    x, h0, c0 = module_inputs(fused, 9, 6, torch.float64, seed=5, device=CUDA)
     lengths = torch.tensor([9, 4, 1, 9, 6, 2])  # unsorted
     expected = outputs_and_grads(reference, x, (h0, c0), lengths)
     with forced(path):
@@ -307,7 +160,7 @@ def test_each_path_packed_sequence_matches_float64_nn_lstm(path):
     (True, True, None),
 ], ids=["fwd", "rev-lengths", "proj-lengths", "rev-proj"])
 def test_gradcheck(reverse, proj, lengths):
-    inputs = make_inputs(6, 4, 3, 4, 2 if proj else 0, lengths=lengths, seed=3)
+    inputs = cuda_inputs(6, 4, 3, 4, 2 if proj else 0, lengths=lengths, seed=3)
     leaves = tuple(inputs[k].requires_grad_() if inputs[k] is not None else None
                    for k in ARG_NAMES[:-1])
 
@@ -324,7 +177,7 @@ def test_gradcheck(reverse, proj, lengths):
     (torch.float32, False, False), (torch.float32, True, True), (torch.bfloat16, True, True),
 ], ids=["float32", "float32-proj-lengths", "bfloat16-proj-lengths"])
 def test_opcheck(dtype, proj, with_lengths, training):
-    inputs = make_inputs(5, 4, 3, 6, 2 if proj else 0, dtype=dtype,
+    inputs = cuda_inputs(5, 4, 3, 6, 2 if proj else 0, dtype=dtype,
                          lengths=[5, 2, 0, 4] if with_lengths else None)
     args = [t.requires_grad_(training) if t is not None and t.is_floating_point() else t
             for t in (inputs[k] for k in ARG_NAMES)]
@@ -342,11 +195,11 @@ def test_opcheck(dtype, proj, with_lengths, training):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("path", PATHS)
 def test_every_element_is_written(path, dtype):
-    inputs = make_inputs(5, 33, 4, 19, 7, dtype=dtype, lengths=lengths_for(5, 33), seed=9)
+    inputs = cuda_inputs(5, 33, 4, 19, 7, dtype=dtype, lengths=lengths_for(5, 33), seed=9)
     with forced(path):
         for reverse in (False, True):
-            outputs, grads, _, saved = run_op(inputs, reverse)  # poisons before each op
-            poison_allocator()
+            outputs, grads, _, saved = run_op(inputs, reverse, before_each=poison)
+            poison()
             inference = torch.ops.lstm_fused.forward(*[inputs[k] for k in ARG_NAMES], reverse,
                                                      False)
             tensors = {**dict(zip(("y", "h_n", "c_n"), outputs)),
@@ -367,10 +220,10 @@ def test_every_element_is_written(path, dtype):
 def test_repeat_runs_are_bitwise_identical(dtype, path):
     _, fused = cuda_pair(dtype=dtype, input_size=16, hidden_size=129, num_layers=2,
                          bidirectional=True, proj_size=31)
-    x, h0, c0 = module_inputs(fused, 37, 129, dtype, seed=7)
+    x, h0, c0 = module_inputs(fused, 37, 129, dtype, seed=7, device=CUDA)
     with forced(path):
         first = outputs_and_grads(fused, x, (h0, c0))
-        poison_allocator()
+        poison()
         second = outputs_and_grads(fused, x, (h0, c0))
     assert_bitwise_equal(second, first)
 
@@ -385,7 +238,7 @@ def test_side_stream_matches_default_stream():
     stream = torch.cuda.Stream()
     assert stream != torch.cuda.current_stream()
     with torch.cuda.stream(stream):
-        poison_allocator()
+        poison()
         x, h0, c0 = (t.to(CUDA) for t in cpu_inputs)
         # Hold the stream back (about 10 ms): work sent to another stream by mistake would run
         # before the work it depends on, and read poison.
@@ -399,7 +252,7 @@ def test_side_stream_matches_default_stream():
 def test_tensors_on_the_second_gpu():
     _, fused = cuda_pair(input_size=6, hidden_size=33, num_layers=2, bidirectional=True,
                          proj_size=5)
-    x, h0, c0 = module_inputs(fused, 11, 7, seed=6)
+    x, h0, c0 = module_inputs(fused, 11, 7, seed=6, device=CUDA)
     expected = outputs_and_grads(fused, x, (h0, c0))
     second = torch.device("cuda", 1)
     assert torch.cuda.current_device() == 0
@@ -421,7 +274,8 @@ def test_tensors_on_the_second_gpu():
 def test_batch_first_and_transposed_input():
     reference, fused = cuda_pair(input_size=6, hidden_size=31, num_layers=2, batch_first=True,
                                  bidirectional=True)
-    x, h0, c0 = module_inputs(fused, 7, 5, seed=10)  # [B, T, I]: the op gets a transposed view
+    # [B, T, I]: the op gets a transposed view.
+    x, h0, c0 = module_inputs(fused, 7, 5, seed=10, device=CUDA)
     check_against_nn_lstm(reference, fused, x, (h0, c0))
     time_major = copy.deepcopy(fused)
     time_major.batch_first = False
@@ -435,7 +289,7 @@ def test_batch_first_and_transposed_input():
 
 
 def test_non_contiguous_op_arguments():
-    inputs = make_inputs(6, 4, 5, 31, 0, lengths=[6, 2, 0, 5], seed=4)
+    inputs = cuda_inputs(6, 4, 5, 31, 0, lengths=[6, 2, 0, 5], seed=4)
     h0 = inputs["h0"][:1].expand(4, -1)  # stride 0 along the batch
     contiguous = dict(inputs, h0=h0.contiguous())
     strided = dict(inputs, h0=h0, x=inputs["x"].transpose(0, 1).contiguous().transpose(0, 1),
@@ -443,22 +297,10 @@ def test_non_contiguous_op_arguments():
                    w_hh=inputs["w_hh"].t().contiguous().t(),
                    c0=inputs["c0"].t().contiguous().t())
     assert not any(strided[k].is_contiguous() for k in ("x", "h0", "c0", "w_ih", "w_hh"))
-    expected = run_op(contiguous, False)
-    actual = run_op(strided, False)
+    expected = run_op(contiguous, False, before_each=poison)
+    actual = run_op(strided, False, before_each=poison)
     for a, e in zip((*actual[0], *actual[1]), (*expected[0], *expected[1])):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
-
-
-class Tagger(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(10, 4)
-        self.encoder = torch.nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True)
-        self.head = torch.nn.Linear(12, 5)
-
-    def forward(self, tokens):
-        output, _ = self.encoder(self.embed(tokens))
-        return self.head(output)
 
 
 def test_replace_lstm_on_cuda():
@@ -484,7 +326,7 @@ def test_torch_compile_fullgraph_matches_eager():
     _, model = cuda_pair(input_size=5, hidden_size=33, num_layers=2, bidirectional=True,
                          batch_first=True, proj_size=7)
     compiled = torch.compile(model, fullgraph=True)
-    x, h0, c0 = module_inputs(model, 6, 3, seed=2)
+    x, h0, c0 = module_inputs(model, 6, 3, seed=2, device=CUDA)
     expected = outputs_and_grads(model, x, (h0, c0))
     actual = outputs_and_grads(compiled, x, (h0, c0))
     for a, e in zip(actual, expected):  # outputs, then gradients (the compiled names differ)
@@ -517,7 +359,7 @@ def test_tf32_follows_the_cudnn_flag_like_nn_lstm():
     kernels both multiply in TF32: they agree to TF32's precision (10-bit mantissas), and
     lstm_fused's result differs from its exact float32 one."""
     reference, fused = cuda_pair(0, input_size=64, hidden_size=256)
-    x, h0, c0 = module_inputs(reference, 16, 64)
+    x, h0, c0 = module_inputs(reference, 16, 64, device=CUDA)
     exact, _ = outputs_and_grads(fused, x, (h0, c0))
     torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
     ours, our_grads = outputs_and_grads(fused, x, (h0, c0))
@@ -529,15 +371,182 @@ def test_tf32_follows_the_cudnn_flag_like_nn_lstm():
     assert not torch.equal(ours["output"], exact["output"])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_all_step_gemms_follow_the_cudnn_flag_not_the_matmul_flag(path):
+    """TF32 for float32 is cuDNN's RNN setting alone, in the kernels (step or persistent) and in
+    every GEMM: torch.backends.cuda.matmul.allow_tf32 changes nothing."""
+    inputs = cuda_inputs(9, 64, 96, 128, 0, dtype=torch.float32, seed=31)
+    with forced(path):
+        exact = run_op(inputs, False)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the no_tf32 fixture restores both
+        with_matmul_flag = run_op(inputs, False)
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        tf32 = run_op(inputs, False)
+    for a, b in zip((*exact[0], *exact[1]), (*with_matmul_flag[0], *with_matmul_flag[1])):
+        assert torch.equal(a, b)
+    names = ("y", "h_n", "c_n") + OP_GRAD_NAMES
+    differs = {n for n, a, b in zip(names, (*exact[0], *exact[1]), (*tf32[0], *tf32[1]))
+               if not torch.equal(a, b)}
+    assert {"y", "x", "w_ih", "w_hh"} <= differs, differs
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture-safe: no host synchronisation, no allocation outside the caching allocator.
+
+def test_no_host_synchronisation():
+    _, fused = cuda_pair(input_size=8, hidden_size=40, proj_size=12, num_layers=2,
+                         bidirectional=True)
+    x, h0, c0 = module_inputs(fused, 6, 5, seed=12, device=CUDA)
+    lengths = torch.tensor([6, 2, 0, 5, 1], device=CUDA)
+    outputs_and_grads(fused, x, (h0, c0))  # first call: kernel loading, handles
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for path in ["auto"] + PATHS:
+            with lstm_fused.force_path(path):
+                y, (h_n, c_n) = lstm_fused.lstm(x, (h0[0], c0[0]), fused.weight_ih_l0,
+                                                fused.weight_hh_l0, fused.bias_ih_l0,
+                                                fused.bias_hh_l0, fused.weight_hr_l0,
+                                                lengths=lengths)
+                torch.autograd.backward((y, h_n, c_n), (torch.ones_like(y),
+                                                        torch.ones_like(h_n),
+                                                        torch.ones_like(c_n)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("path", ["auto"] + PATHS)
+@pytest.mark.parametrize("dtype,proj,lengths", [
+    (torch.float32, 0, None), (torch.float32, 5, [7, 3, 0, 6, 7, 1]),
+    (torch.bfloat16, 5, [7, 3, 0, 6, 7, 1]),
+], ids=["float32", "float32-proj-lengths", "bfloat16-proj-lengths"])
+def test_forward_and_backward_replay_from_a_cuda_graph(path, dtype, proj, lengths):
+    """Both ops captured in one CUDA graph; replays on new inputs copied into the captured ones
+    match eager runs on the same inputs."""
+    static = cuda_inputs(7, 6, 9, 40, proj, dtype=dtype, lengths=lengths, seed=1)
+    args = [static[k] for k in ARG_NAMES]
+    upstream = [torch.randn(shape, device=CUDA).to(dtype)
+                for shape in ((7, 6, proj or 40), (6, proj or 40), (6, 40))]
+
+    def ops():
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fused.forward(*args, False, True)
+        grads = torch.ops.lstm_fused.backward(*upstream, *args[:5], static["w_hr"],
+                                              static["lengths"], y, gates, cells, False, True)
+        return (y, h_n, c_n) + tuple(grads)
+
+    with forced(path):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
+                ops()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = ops()
+        for seed in (2, 3):
+            fresh = cuda_inputs(7, 6, 9, 40, proj, dtype=dtype, lengths=lengths, seed=seed)
+            for name in ARG_NAMES:
+                if static[name] is not None:
+                    static[name].copy_(fresh[name])
+            graph.replay()
+            replayed = [t.clone() for t in captured]
+            eager = ops()
+            # The same kernels on the same inputs; cuBLAS may pick another algorithm in a
+            # graph, so float32 to rounding and bfloat16 to a unit in its last place.
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+            for name, a, e in zip(("y", "h_n", "c_n") + OP_GRAD_NAMES, replayed, eager):
+                torch.testing.assert_close(a, e, atol=tolerance, rtol=tolerance,
+                                           msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_module_in_make_graphed_callables():
+    reference, fused = cuda_pair(input_size=8, hidden_size=48, num_layers=2)
+
+    class Flat(torch.nn.Module):
+        def __init__(self, lstm):
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x, h0, c0):
+            y, (h, c) = self.lstm(x, (h0, c0))
+            return y, h, c
+
+    x, h0, c0 = (t.requires_grad_() for t in module_inputs(fused, 10, 4, seed=3, device=CUDA))
+    graphed = torch.cuda.make_graphed_callables(Flat(fused), (x, h0, c0))
+    for seed in (4, 5):
+        fresh = module_inputs(fused, 10, 4, seed=seed, device=CUDA)
+        leaves = [t.detach().clone().requires_grad_() for t in fresh]
+        outputs = graphed(*leaves)
+        loss = sum((t * t).sum() for t in outputs)
+        grads = torch.autograd.grad(loss, leaves + list(fused.parameters()))
+        eager_leaves = [t.detach().clone().requires_grad_() for t in fresh]
+        eager = Flat(fused)(*eager_leaves)
+        eager_grads = torch.autograd.grad(sum((t * t).sum() for t in eager),
+                                          eager_leaves + list(fused.parameters()))
+        for a, e in zip(tuple(outputs) + grads, tuple(eager) + eager_grads):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_reduce_overhead_model():
+    """A model with lstm_fused.LSTM inside under torch.compile(mode="reduce-overhead"), which
+    replays CUDA graphs: outputs and gradients match eager over several steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Tagger(device=CUDA)
+    lstm_fused.replace_lstm(model)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    parameters = list(model.parameters())
+    for step in range(4):
+        tokens = torch.randint(0, 10, (3, 8), device=CUDA, generator=None)
+        torch.compiler.cudagraph_mark_step_begin()
+        actual = compiled(tokens)
+        actual_grads = torch.autograd.grad(actual.square().sum(), parameters)
+        expected = model(tokens)
+        expected_grads = torch.autograd.grad(expected.square().sum(), parameters)
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+        for a, e in zip(actual_grads, expected_grads):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The subset gpu_check.sh runs under compute-sanitizer: every kernel (forward; backward fused,
+# hidden-gradient and gate kernels; the padded-row kernel) on every tile, with and without a
+# split of K, in the three arithmetic forms (float64 scalar, float32 as TF32 and bfloat16 on
+# tensor cores), at small sizes; and the persistent kernels, forward and backward, with and
+# without a projection, on CUDA cores (batch 5) and tensor cores (batch 9), one direction and both
+# in one launch.
+
+EVERY_KERNEL = [(tile, 5) for tile in STEP_TILES] + [(PERSISTENT, 5), (PERSISTENT, 9)]
+
+
+@pytest.mark.parametrize("path,batch", EVERY_KERNEL, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype,tf32", [(torch.float64, False), (torch.float32, True),
+                                        (torch.bfloat16, False)],
+                         ids=["float64", "float32-tf32", "bfloat16"])
+@pytest.mark.parametrize("proj", [0, 6], ids=["plain", "proj"])
+def test_every_kernel_once(path, batch, dtype, tf32, proj):
+    torch.backends.cudnn.allow_tf32 = tf32  # the no_tf32 fixture restores it
+    # K = 4H = 288 backward: split over blocks on a GPU of many multiprocessors.
+    inputs = cuda_inputs(3, batch, 7, 72, proj, dtype=dtype,
+                         lengths=[3, 1, 0, 2, 3, 3, 2, 1, 3][:batch], seed=7)
+    with lstm_fused.force_path(path):
+        outputs, grads, upstream_grads, _ = run_op(inputs, True, before_each=poison)
+        if path == PERSISTENT:  # both directions of a layer in one launch
+            reference, fused = cuda_pair(dtype=dtype, input_size=7, hidden_size=72,
+                                         proj_size=proj, bidirectional=True)
+            x, h0, c0 = module_inputs(fused, 3, batch, dtype, seed=7, device=CUDA)
+            check_against_nn_lstm(reference, fused, x, (h0, c0))
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-2, torch.bfloat16: 1e-1}[dtype]
+    compare_with_reference(outputs, grads, *op_reference(inputs, True, upstream_grads),
+                           atol=tolerance, rtol=tolerance)
+
+
 # =============================================================================================
 # The persistent kernels (one cooperative launch per sequence) on the GPU: the dispatch picks them
 # at small batches; each result against nn.LSTM, the float64 reference and the other paths;
 # gradcheck, determinism, streams, a second GPU, CUDA graph capture and the fallbacks.
 # =============================================================================================
-
-import lstm_testing as testing  # noqa: E402
-
-PERSISTENT = "persistent"
 
 
 def cuda_kernels(function):
@@ -560,7 +569,7 @@ def test_persistent_is_one_launch_per_sequence(bidirectional):
     """Auto at batch 1: one persistent launch for the whole sequence forward (both directions of a
     layer in the same launch) and one backward; no step kernels."""
     _, fused = cuda_pair(input_size=64, hidden_size=256, bidirectional=bidirectional)
-    x, h0, c0 = module_inputs(fused, 64, 1)
+    x, h0, c0 = module_inputs(fused, 64, 1, device=CUDA)
     with torch.no_grad():
         names = cuda_kernels(lambda: fused(x, (h0, c0)))
     assert count(names, "persistent_forward_kernel") == 1, names
@@ -576,7 +585,7 @@ def test_persistent_is_not_chosen_for_large_batches():
     """Auto at (256, 64, 1024, 1024): a block's share of the arithmetic outweighs the launches
     saved (the cost model), so the step kernels run."""
     _, fused = cuda_pair(input_size=1024, hidden_size=1024)
-    x, h0, c0 = module_inputs(fused, 8, 256)
+    x, h0, c0 = module_inputs(fused, 8, 256, device=CUDA)
     x.requires_grad_()
     names = cuda_kernels(lambda: fused(x, (h0, c0))[0].sum().backward())
     assert count(names, "persistent") == 0, names
@@ -596,7 +605,7 @@ PERSISTENT_MODULES = [
 def test_persistent_matches_nn_lstm(config, dtype):
     reference, fused, x, hx = build(config, dtype)
     with forced(PERSISTENT):
-        testing.check_against_nn_lstm(reference, fused, x, hx)
+        check_against_nn_lstm(reference, fused, x, hx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
@@ -604,18 +613,17 @@ def test_persistent_matches_nn_lstm(config, dtype):
                          ids=lambda s: "x".join(map(str, s)))
 def test_persistent_and_every_other_path_on_the_same_inputs(shape, dtype):
     T, B, I, H, P = shape
-    inputs = testing.make_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths_for(T, B),
-                                 seed=sum(shape), device=CUDA)
+    inputs = cuda_inputs(T, B, I, H, P, dtype=dtype, lengths=lengths_for(T, B),
+                                 seed=sum(shape))
     results = {}
     for path in PATHS:
         with forced(path):
-            results[path] = testing.run_op(inputs, False,
-                                           before_each=lambda: testing.poison_memory(CUDA))
+            results[path] = run_op(inputs, False, before_each=poison)
     outputs, grads, upstream_grads, _ = results[PERSISTENT]
-    expected_outputs, expected_grads = testing.op_reference(inputs, False, upstream_grads)
-    (atol, _), (grad_atol, _) = testing.TOLERANCES[dtype]
+    expected_outputs, expected_grads = op_reference(inputs, False, upstream_grads)
+    (atol, _), (grad_atol, _) = TOLERANCES[dtype]
     scale = 4.0 if dtype == torch.bfloat16 else 1.0  # the reference is float64, not nn.LSTM
-    testing.compare_with_reference(outputs, grads, expected_outputs, expected_grads,
+    compare_with_reference(outputs, grads, expected_outputs, expected_grads,
                                    atol=scale * max(atol, grad_atol), rtol=1e-4)
     for path, (other_outputs, other_grads, _, _) in results.items():
         for a, b in zip((*outputs, *grads), (*other_outputs, *other_grads)):
@@ -628,9 +636,9 @@ def test_persistent_and_every_other_path_on_the_same_inputs(shape, dtype):
     (False, False, None), (True, True, [6, 2, 0, 5]), (False, True, [6, 2, 0, 5])],
     ids=["fwd", "rev-proj-lengths", "proj-lengths"])
 def test_persistent_gradcheck(reverse, proj, lengths, bidirectional):
-    inputs = testing.make_inputs(6, 4, 3, 4, 2 if proj else 0, lengths=lengths, seed=3,
-                                 device=CUDA, requires_grad=True)
-    x, hx, weights = testing.functional_args(inputs)
+    inputs = cuda_inputs(6, 4, 3, 4, 2 if proj else 0, lengths=lengths, seed=3,
+                         requires_grad=True)
+    x, hx, weights = functional_args(inputs)
     weights = [w for w in weights]
 
     def function(x, h0, c0, *flat):
@@ -652,12 +660,12 @@ def test_persistent_gradcheck(reverse, proj, lengths, bidirectional):
 def test_persistent_repeat_runs_are_bitwise_identical(dtype):
     _, fused = cuda_pair(dtype=dtype, input_size=16, hidden_size=129, num_layers=2,
                          bidirectional=True, proj_size=31)
-    x, h0, c0 = module_inputs(fused, 37, 9, dtype, seed=7)
+    x, h0, c0 = module_inputs(fused, 37, 9, dtype, seed=7, device=CUDA)
     with forced(PERSISTENT):
-        first = testing.outputs_and_grads(fused, x, (h0, c0))
-        poison_allocator()
-        second = testing.outputs_and_grads(fused, x, (h0, c0))
-    testing.assert_bitwise_equal(second, first)
+        first = outputs_and_grads(fused, x, (h0, c0))
+        poison()
+        second = outputs_and_grads(fused, x, (h0, c0))
+    assert_bitwise_equal(second, first)
 
 
 def test_persistent_side_stream_matches_default_stream():
@@ -666,27 +674,27 @@ def test_persistent_side_stream_matches_default_stream():
     cpu_inputs = module_inputs(fused, 37, 5, seed=8, device="cpu")
     with forced(PERSISTENT):
         x, h0, c0 = (t.to(CUDA) for t in cpu_inputs)
-        expected = testing.outputs_and_grads(fused, x, (h0, c0))
+        expected = outputs_and_grads(fused, x, (h0, c0))
         torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            poison_allocator()
+            poison()
             x, h0, c0 = (t.to(CUDA) for t in cpu_inputs)
             torch.cuda._sleep(20_000_000)  # work sent to another stream by mistake reads poison
-            actual = testing.outputs_and_grads(fused, x, (h0, c0))
+            actual = outputs_and_grads(fused, x, (h0, c0))
         torch.cuda.synchronize()
-    testing.assert_bitwise_equal(actual, expected)
+    assert_bitwise_equal(actual, expected)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
 def test_persistent_on_the_second_gpu():
     _, fused = cuda_pair(input_size=6, hidden_size=33, num_layers=2, bidirectional=True,
                          proj_size=5)
-    x, h0, c0 = module_inputs(fused, 11, 7, seed=6)
+    x, h0, c0 = module_inputs(fused, 11, 7, seed=6, device=CUDA)
     second = torch.device("cuda", 1)
     with forced(PERSISTENT):
-        expected = testing.outputs_and_grads(fused, x, (h0, c0))
-        actual = testing.outputs_and_grads(copy.deepcopy(fused).to(second), x.to(second),
+        expected = outputs_and_grads(fused, x, (h0, c0))
+        actual = outputs_and_grads(copy.deepcopy(fused).to(second), x.to(second),
                                            (h0.to(second), c0.to(second)))
     torch.cuda.synchronize(second)
     assert torch.cuda.current_device() == 0, "the op changed the current device"
@@ -701,7 +709,7 @@ def test_persistent_on_the_second_gpu():
 def test_persistent_in_a_cuda_graph(training):
     """Cooperative launches are captured (CUDA 12+): replays match eager runs."""
     _, fused = cuda_pair(input_size=16, hidden_size=64, bidirectional=True)
-    x, h0, c0 = module_inputs(fused, 32, 2, seed=9)
+    x, h0, c0 = module_inputs(fused, 32, 2, seed=9, device=CUDA)
     x.requires_grad_(training)
     parameters = list(fused.parameters())
 
@@ -723,7 +731,7 @@ def test_persistent_in_a_cuda_graph(training):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = step()
-        poison_allocator()
+        poison()
         graph.replay()
         torch.cuda.synchronize()
     for a, e in zip(captured, expected):
@@ -733,32 +741,32 @@ def test_persistent_in_a_cuda_graph(training):
 def test_persistent_forced_where_it_cannot_run_is_a_clear_error():
     """float64 W_hh of H = 1000 is beyond an H100's or H200's on-chip memory (the largest there:
     924 forward): forced, an error says why; auto runs the step kernels."""
-    inputs = testing.make_inputs(3, 2, 5, 1000, dtype=torch.float64, seed=10, device=CUDA)
+    inputs = cuda_inputs(3, 2, 5, 1000, dtype=torch.float64, seed=10)
     with lstm_fused.force_path(PERSISTENT):
         with pytest.raises(RuntimeError, match=r"cannot run here: the weights need \d+ KiB of "
                                                r"shared memory per block"):
-            testing.run_op(inputs, False)
-    outputs, grads, upstream_grads, _ = testing.run_op(inputs, False)
-    testing.compare_with_reference(outputs, grads, *testing.op_reference(inputs, False,
+            run_op(inputs, False)
+    outputs, grads, upstream_grads, _ = run_op(inputs, False)
+    compare_with_reference(outputs, grads, *op_reference(inputs, False,
                                                                          upstream_grads),
                                    atol=1e-12, rtol=1e-10)
     # More (row, unit) pairs per block than its threads keep in registers.
-    wide = testing.make_inputs(2, 4096, 3, 64, dtype=torch.float32, seed=11, device=CUDA)
+    wide = cuda_inputs(2, 4096, 3, 64, dtype=torch.float32, seed=11)
     with lstm_fused.force_path(PERSISTENT):
         with pytest.raises(RuntimeError, match=r"\(row, column\) pairs"):
-            testing.run_op(wide, False)
+            run_op(wide, False)
 
 
 def test_persistent_tf32_follows_the_cudnn_flag_like_nn_lstm():
     """At batch 16 the persistent kernel multiplies on tensor cores: in TF32 exactly when
     nn.LSTM does (torch.backends.cudnn.allow_tf32)."""
     reference, fused = cuda_pair(0, input_size=64, hidden_size=256)
-    x, h0, c0 = module_inputs(reference, 16, 16)
+    x, h0, c0 = module_inputs(reference, 16, 16, device=CUDA)
     with forced(PERSISTENT):
-        exact, _ = testing.outputs_and_grads(fused, x, (h0, c0))
+        exact, _ = outputs_and_grads(fused, x, (h0, c0))
         torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
-        ours, our_grads = testing.outputs_and_grads(fused, x, (h0, c0))
-    theirs, their_grads = testing.outputs_and_grads(reference, x, (h0, c0))
+        ours, our_grads = outputs_and_grads(fused, x, (h0, c0))
+    theirs, their_grads = outputs_and_grads(reference, x, (h0, c0))
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-2, rtol=1e-2)
     for name in our_grads:

@@ -315,9 +315,26 @@ def test_bidirectional_opcheck(training, proj, lengths):
         detached = [t.detach() if t is not None else None
                     for t in (x, *hx, weights[0], weights[1], weights[4], weights_reverse[0],
                               weights_reverse[1], weights_reverse[4])]
-        backward_args = (*grads, *detached, lengths, y.detach(), gates, cells, gates_r, cells_r,
-                         True)
+        # The saved activations detached: the two-direction backward op has no derivative of its
+        # own (second derivatives go through the one-direction ops; test_double_backward.py).
+        saved = [t.detach() for t in (gates, cells, gates_r, cells_r)]
+        backward_args = (*grads, *detached, lengths, y.detach(), *saved, True)
         torch.library.opcheck(torch.ops.lstm_fused.bidirectional_backward.default, backward_args)
+
+
+def test_bidirectional_backward_op_has_no_derivative_of_its_own():
+    """Differentiating the two-direction backward op itself is a clear error (the module's second
+    derivatives go through the one-direction ops instead)."""
+    x, hx, weights, weights_reverse, lengths = bidirectional_args()
+    args = (x, *hx, *weights, *weights_reverse, lengths, True)
+    y, h_n, c_n, gates, cells, gates_r, cells_r = torch.ops.lstm_fused.bidirectional_forward(*args)
+    assert gates.requires_grad
+    grads = torch.ops.lstm_fused.bidirectional_backward(
+        torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n), x, *hx, weights[0],
+        weights[1], weights[4], weights_reverse[0], weights_reverse[1], weights_reverse[4],
+        lengths, y, gates, cells, gates_r, cells_r, True)
+    with pytest.raises(RuntimeError, match="bidirectional_backward has no derivative of its own"):
+        grads[0].sum().backward()
 
 
 @pytest.mark.parametrize("training", [False, True])

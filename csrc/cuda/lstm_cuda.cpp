@@ -2,24 +2,31 @@
 // dtype dispatch, the one choice of kernel path (choose_path) and the sequence of launches; the
 // kernels are in lstm_kernels.cu (fused steps) and lstm_persistent.cu (a sequence per launch).
 //
-// Forward: the input projection of every step as one GEMM (cuBLAS through ATen), then per step one
-// fused kernel (recurrent product, biases, nonlinearities, cell update). With a projection the
-// kernel writes o * tanh(c_t) and a GEMM per step maps it to y[t] (the projection needs every
-// unit of h_t, which no block has on its own).
+// Forward: the input projection of every step as one GEMM, then per step one fused kernel
+// (recurrent product, biases, nonlinearities, cell update). With a projection the kernel writes
+// o * tanh(c_t) and a GEMM per step maps it to y[t] (the projection needs every unit of h_t,
+// which no block has on its own); with lengths too, a small kernel then copies the carried state
+// into the padded rows of y[t], as the CPU op does.
 // Backward: per step one fused kernel (dL/dh_t from the previous kernel's dL/dz, then the gate
 // gradients; with a projection a first kernel forms dL/dh_t, a second one the gate gradients),
 // then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps (gradients_over_steps).
 //
 // The persistent kernel replaces the per-step launches, forward and backward, by one cooperative
-// launch where the weights fit on chip and the cost model expects it to be faster; the
-// two-direction ops (bidirectional_forward, bidirectional_backward) run both directions of a
-// layer in one such launch where they fit together, else one direction after the other.
+// launch where the weights fit on chip and the cost model expects it to beat the step kernels'
+// plan; the two-direction ops (bidirectional_forward, bidirectional_backward) run both directions
+// of a layer in one such launch where they fit together, else one direction after the other. The
+// GEMMs before and after it are the same as the step kernels'.
 //
 // Precision: float32 and float64 are computed in their own type, float16 and bfloat16 with float32
-// arithmetic, float32 cell state and float32 saved gates and cells. The step kernels use TF32 for
-// float32 exactly when nn.LSTM does: when cuDNN may use TF32 for RNNs
-// (torch.backends.cudnn.allow_tf32, the default, or torch.backends.cudnn.rnn.fp32_precision).
-// The GEMMs over all steps are ATen matmuls and follow torch.backends.cuda.matmul.allow_tf32.
+// arithmetic, float32 cell state and float32 saved gates and cells. For float32 every product,
+// the kernels' (step or persistent) and the GEMMs', uses TF32 exactly when nn.LSTM's cuDNN may:
+// when cuDNN's RNN setting allows it (torch.backends.cudnn.allow_tf32, the default, or
+// torch.backends.cudnn.rnn.fp32_precision), whatever torch.backends.cuda.matmul says. The GEMMs
+// call cuBLAS with that choice made explicit per call, changing no global setting.
+//
+// Capture-safe: no host synchronisation, every allocation from the caching allocator before the
+// step loop (or the persistent launch), every launch on the current stream; the persistent kernel
+// only where the stream may take a cooperative launch.
 #include "../lstm.h"
 #include "lstm_kernels.h"
 #include "lstm_persistent.h"
@@ -27,6 +34,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -43,6 +51,7 @@
 #define LSTM_FUSED_OPS lstm_fused_emulated
 #define LSTM_FUSED_OPS_NAME "lstm_fused_emulated"
 #else
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define LSTM_FUSED_OPS lstm_fused
@@ -74,32 +83,56 @@ T* pointer(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr<U>());
 }
 
+void check_cuda(cudaError_t error, const char* what) {
+  TORCH_CHECK(error == cudaSuccess, "lstm_fused: ", what, " failed: ", cudaGetErrorString(error));
+}
+
+int current_device() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+// What the kernels' plans need of the device: the step kernels' traits (allow_tf32 is set per
+// call) and the persistent kernel's limits.
+struct DeviceInfo {
+  cuda::DeviceTraits steps;
+  cuda::PersistentDevice persistent;
+};
+
+DeviceInfo read_device_info(int device) {
+  DeviceInfo info{};
+  int major = 0;
+  check_cuda(cuda::query_persistent_device(device, &info.persistent),
+             "reading the device's attributes");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "reading the device's compute capability");
+  info.steps = {info.persistent.multiprocessors, major >= 8 && cuda::tensor_core_kernels_built(),
+                false};
+  return info;
+}
+
 #ifdef LSTM_FUSED_EMULATE_CUDA
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
 cudaStream_t current_stream() { return nullptr; }
-// An H100's, so that the automatic tile choice is the one made there.
-cuda::DeviceTraits device_traits() { return {132, true, false}; }
+// The emulated device (tests change it between calls: set_emulated_device), read every time.
+DeviceInfo device_info() { return read_device_info(current_device()); }
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-cuda::DeviceTraits device_traits() {
+DeviceInfo device_info() {
   static std::mutex mutex;
-  static std::unordered_map<int, cuda::DeviceTraits> known;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::unordered_map<int, DeviceInfo> known;
+  const int device = current_device();
   std::lock_guard<std::mutex> lock(mutex);
   auto found = known.find(device);
   if (found != known.end()) return found->second;
-  int multiprocessors = 0, major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  const cuda::DeviceTraits traits{multiprocessors, major >= 8 && cuda::tensor_core_kernels_built(),
-                                  false};
-  known.emplace(device, traits);
-  return traits;
+  const DeviceInfo info = read_device_info(device);
+  known.emplace(device, info);
+  return info;
 }
 #endif
 
@@ -139,6 +172,126 @@ void check_launch(cudaError_t error, const char* kernel) {
               cudaGetErrorString(error));
 }
 
+// ---- GEMMs -----------------------------------------------------------------------------------
+
+// A matrix in memory: element (r, c) at data[r * row_stride + c * column_stride].
+template <typename scalar_t>
+struct MatrixRef {
+  scalar_t* data;
+  int64_t rows, columns, row_stride, column_stride;
+};
+
+template <typename scalar_t>
+MatrixRef<scalar_t> matrix_of(const at::Tensor& t) {
+  return {t.data_ptr<std::remove_const_t<scalar_t>>(), t.size(0), t.size(1), t.stride(0),
+          t.stride(1)};
+}
+
+#ifdef LSTM_FUSED_EMULATE_CUDA
+// Rounded to TF32 (10 explicit mantissa bits), to nearest, ties away from zero, as the
+// emulator's tensor cores round; infinities and NaN unchanged.
+at::Tensor round_to_tf32(const at::Tensor& x) {
+  const at::Tensor finite = x.isfinite();
+  const at::Tensor bits = at::where(finite, x, at::zeros_like(x)).contiguous().view(at::kInt);
+  const at::Tensor rounded = bits.add(0x1000).bitwise_and(~0x1fff).view(at::kFloat);
+  return at::where(finite, rounded.view(x.sizes()), x);
+}
+#endif
+
+// A tensor over a matrix's memory, on the device of `options`.
+template <typename scalar_t>
+at::Tensor tensor_of(const MatrixRef<scalar_t>& m, const at::TensorOptions& options) {
+  return at::from_blob(const_cast<std::remove_const_t<scalar_t>*>(m.data), {m.rows, m.columns},
+                       {m.row_stride, m.column_stride},
+                       options.dtype(c10::CppTypeToScalarType<std::remove_const_t<scalar_t>>()));
+}
+
+// out = a b (+ out when accumulate); out [m, n] with unit column stride, all on the device of
+// `options`. float32 multiplies in TF32 exactly when `tf32`; the other dtypes as ATen's matmuls.
+template <typename scalar_t>
+void gemm(const MatrixRef<scalar_t>& out, const MatrixRef<const scalar_t>& a,
+          const MatrixRef<const scalar_t>& b, bool accumulate, bool tf32,
+          const at::TensorOptions& options) {
+  const int64_t m = out.rows, n = out.columns, k = a.columns;
+  TORCH_INTERNAL_ASSERT(a.rows == m && b.rows == k && b.columns == n && out.column_stride == 1);
+  if (m == 0 || n == 0) return;
+#ifdef LSTM_FUSED_EMULATE_CUDA
+  constexpr bool kCublas = false;
+#else
+  constexpr bool kCublas = std::is_same_v<scalar_t, float>;
+#endif
+  if constexpr (!kCublas) {
+    at::Tensor result = tensor_of(out, options);
+    at::Tensor left = tensor_of(a, options), right = tensor_of(b, options);
+#ifdef LSTM_FUSED_EMULATE_CUDA
+    if (tf32 && std::is_same_v<scalar_t, float>) {  // what TF32 tensor cores multiply
+      left = round_to_tf32(left);
+      right = round_to_tf32(right);
+    }
+#endif
+    if (accumulate) {
+      result.addmm_(left, right);
+    } else {
+      at::mm_out(result, left, right);
+    }
+  } else {
+#ifndef LSTM_FUSED_EMULATE_CUDA
+    if (k == 0) {
+      if (!accumulate) tensor_of(out, options).zero_();
+      return;
+    }
+    // cuBLAS is column-major: out^T [n, m] = b^T a^T. A row-major operand (unit column stride)
+    // is its own transpose in column-major order (op N); a column-major one is op T.
+    auto layout = [](const auto& x, int64_t min_ld) {
+      const bool row_major =
+          x.column_stride == 1 && x.row_stride >= std::max<int64_t>(1, x.columns);
+      return std::make_pair(row_major ? CUBLAS_OP_N : CUBLAS_OP_T,
+                            row_major ? x.row_stride : std::max(x.column_stride, min_ld));
+    };
+    const auto [op_b, ld_b] = layout(b, k);
+    const auto [op_a, ld_a] = layout(a, m);
+    const int64_t ld_out = std::max<int64_t>(1, out.row_stride);
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    // The handle is the calling thread's own (ATen keeps a pool per thread), bound to the current
+    // stream, with ATen's workspace (capture-safe); the compute type and the math mode, restored
+    // after the call, state TF32 or not for this call alone, whatever the global flags say.
+    cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+    cublasMath_t saved = CUBLAS_DEFAULT_MATH;
+    TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &saved));
+    TORCH_CUDABLAS_CHECK(
+        cublasSetMathMode(handle, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    const cublasStatus_t status = cublasGemmEx(
+        handle, op_b, op_a, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &one,
+        b.data, CUDA_R_32F, static_cast<int>(ld_b), a.data, CUDA_R_32F, static_cast<int>(ld_a),
+        &beta, out.data, CUDA_R_32F, static_cast<int>(ld_out),
+        tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, saved));
+    TORCH_CUDABLAS_CHECK(status);
+#endif
+  }
+}
+
+// gemm on tensors (any strides for a and b): the input projection and gradients_over_steps.
+template <typename scalar_t>
+Matmul matmul_for(bool tf32) {
+  return [tf32](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    // Row-major or column-major with a leading dimension cuBLAS accepts, else a copy.
+    auto usable = [](const at::Tensor& t) {
+      const bool row_major = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1));
+      const bool column_major =
+          t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0));
+      return row_major || column_major ? t : t.contiguous();
+    };
+    TORCH_INTERNAL_ASSERT(out.stride(1) == 1 || out.size(1) <= 1);
+    MatrixRef<scalar_t> out_ref = matrix_of<scalar_t>(out);
+    out_ref.column_stride = 1;
+    gemm<scalar_t>(out_ref, matrix_of<const scalar_t>(usable(a)),
+                   matrix_of<const scalar_t>(usable(b)), accumulate, tf32, out.options());
+  };
+}
+
+// ---- The kernel path ---------------------------------------------------------------------------
+
 // The path the environment variable LSTM_FUSED_PATH (set by lstm_fused.force_path) forces.
 enum class ForcedPath { kAuto, kStepSmall, kStepMedium, kStepLarge, kPersistent };
 
@@ -155,10 +308,10 @@ ForcedPath forced_path() {
               "step_large or persistent on CUDA, got '", forced, "'");
 }
 
-// The fused-step kernels' tile: forced, else their own choice by batch and size (also where the
-// persistent kernel was forced but cannot run).
-StepTile step_tile() {
-  switch (forced_path()) {
+// The step kernels' tile height: forced, else their own choice (kAuto, also where the persistent
+// kernel was forced but the two-direction op falls back to one direction at a time).
+StepTile step_tile_of(ForcedPath forced) {
+  switch (forced) {
     case ForcedPath::kStepSmall:
       return StepTile::kSmall;
     case ForcedPath::kStepMedium:
@@ -181,44 +334,65 @@ at::ScalarType accumulate_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// [T, B] true where step t is padding for row b.
-at::Tensor padding_mask(const at::Tensor& lengths, int64_t T) {
-  return at::arange(T, lengths.options()).unsqueeze(1) >= lengths.unsqueeze(0);
+// The step kernels' launches of one step of a recurrence, as lstm_kernels.cu plans them: forward
+// the step kernel; backward the fused kernel, or with a projection the hidden-gradient and the
+// gate kernels; and backward the hidden-gradient kernel after the last step, giving dL/dh_0.
+struct StepLaunches {
+  cuda::StepPlan each_step[2];
+  int count;
+  cuda::StepPlan last;  // backward only
+};
+
+template <typename T>
+StepLaunches step_launches(const LstmSizes& s, bool backward, bool projection, StepTile tile,
+                           const cuda::DeviceTraits& device) {
+  StepLaunches launches{};
+  const int B = static_cast<int>(s.batch), H = static_cast<int>(s.hidden_size),
+            P = static_cast<int>(s.output_size);
+  if (!backward) {
+    cuda::ForwardStep<T> step{};
+    step.batch = B;
+    step.hidden_size = H;
+    step.output_size = P;
+    launches.each_step[0] = cuda::forward_step_plan<T>(step, tile, device);
+    launches.count = 1;
+    return launches;
+  }
+  cuda::BackwardStep<T> step{};
+  step.batch = B;
+  step.hidden_size = H;
+  step.output_size = P;
+  step.a = reinterpret_cast<const T*>(alignof(T));  // a plan reads sizes only; non-null: a product
+  step.k = 4 * H;
+  launches.last = cuda::backward_step_plan<T>(step, BackwardMode::kHiddenGrad, tile, device);
+  if (projection) {
+    cuda::BackwardStep<T> gate_step = step;
+    gate_step.k = P;
+    launches.each_step[0] = launches.last;
+    launches.each_step[1] =
+        cuda::backward_step_plan<T>(gate_step, BackwardMode::kGates, tile, device);
+    launches.count = 2;
+  } else {
+    launches.each_step[0] = cuda::backward_step_plan<T>(step, BackwardMode::kFused, tile, device);
+    launches.count = 1;
+  }
+  return launches;
 }
 
-// ---- The kernel path ---------------------------------------------------------------------------
-
-void check_cuda(cudaError_t error, const char* what) {
-  TORCH_CHECK(error == cudaSuccess, "lstm_fused: ", what, " failed: ", cudaGetErrorString(error));
-}
-
-int current_device() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  return device;
-}
-
-// Tensor cores from this batch on, as in the step kernels' own choice (their small scalar tile up
-// to batch 4, where a step is bound by reading W_hh, not by arithmetic).
-constexpr int64_t kTensorCoreMinBatch = 5;
-
-cuda::PersistentDevice persistent_device() {
-  const int device = current_device();
-#ifdef LSTM_FUSED_EMULATE_CUDA  // tests change the emulated device: read it every time
-  cuda::PersistentDevice info{};
-  check_cuda(cuda::query_persistent_device(device, &info), "reading the device's attributes");
-  return info;
-#else
-  static std::mutex mutex;
-  static std::unordered_map<int, cuda::PersistentDevice> known;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = known.find(device);
-  if (found != known.end()) return found->second;
-  cuda::PersistentDevice info{};
-  check_cuda(cuda::query_persistent_device(device, &info), "reading the device's attributes");
-  known.emplace(device, info);
-  return info;
-#endif
+// The cost model's time of one step on the step kernels' path: their launches, and forward with
+// a projection the GEMM that maps o * tanh(c_t) to y[t] (and with lengths the padded-row kernel).
+double step_kernels_us(const StepLaunches& launches, const LstmSizes& s, bool backward,
+                       bool projection, bool has_lengths, int multiprocessors) {
+  double total = 0;
+  for (int i = 0; i < launches.count; ++i) total += launches.each_step[i].estimated_us;
+  if (!backward && projection) {
+    const double macs = static_cast<double>(s.batch) * s.hidden_size * s.output_size;
+    const double rate = (launches.each_step[0].tensor_cores ? cuda::cost::kTensorMacsPerUsPerSm
+                                                            : 2 * cuda::cost::kFmaPerUsPerSm) *
+                        std::max(1, multiprocessors);
+    total += cuda::cost::kLaunchUs + macs / rate + (has_lengths ? cuda::cost::kLaunchUs : 0.0);
+  }
+  return total;
 }
 
 // Why no cooperative launch may go on the current stream now, or empty if one may: a stream being
@@ -258,43 +432,52 @@ cuda::PersistentPlan persistent_plan(const cuda::PersistentProblem& problem,
 // The kernel path of one recurrence (of one or both directions of a layer).
 struct CudaPath {
   bool persistent = false;
-  cuda::PersistentLayout layout{};
+  cuda::PersistentLayout layout{};  // the persistent kernel's
+  StepTile tile = StepTile::kAuto;  // else the step kernels', with their plans
+  cuda::DeviceTraits device{};      // what those plans were made for (TF32 included)
+  StepLaunches steps{};
 };
 
-// The one place that picks the CUDA kernel path: the persistent kernel (one launch for the whole
-// sequence) where it can run and lstm_persistent.cu's cost model expects it to beat the fused-step
-// kernels, else those (with step_tile()'s tile). LSTM_FUSED_PATH forces either, for tests and
-// benchmarks: a forced persistent kernel that cannot run here (the weights beyond the device's
-// on-chip memory, no cooperative launches, graph capture on CUDA 11) is an error that says why,
-// rather than a measurement of another kernel under its name. For both directions at once a
-// persistent kernel that cannot hold them falls back to one direction at a time, each of which
-// chooses (and errs) by itself.
+// The one place that picks the CUDA kernel path. The step kernels' plans for the call come from
+// lstm_kernels.cu's tile choice (with_plan_in), and so does the persistent kernel's use of tensor
+// cores (exactly where the step kernels use them, so that both paths round alike). The
+// persistent kernel (one launch for the whole sequence) runs where it can and the cost model
+// expects it to beat those plans, else the step kernels. LSTM_FUSED_PATH forces a step tile or
+// the persistent kernel, for tests and benchmarks: a forced persistent kernel that cannot run
+// here (the weights beyond the device's on-chip memory, no cooperative launches, graph capture
+// on CUDA 11) is an error that says why, rather than a measurement of another kernel under its
+// name. For both directions at once a persistent kernel that cannot hold them falls back to one
+// direction at a time, each of which chooses (and errs) by itself.
 template <typename scalar_t>
 CudaPath choose_path(const LstmSizes& s, int directions, bool backward, bool projection,
                      bool has_lengths) {
   using T = typename KernelType<scalar_t>::type;
-  CudaPath path;
   const ForcedPath forced = forced_path();
+  const DeviceInfo info = device_info();
+  CudaPath path;
+  path.tile = step_tile_of(forced);
+  path.device = info.steps;
+  path.device.allow_tf32 = allow_tf32<scalar_t>();
+  path.steps = step_launches<T>(s, backward, projection, path.tile, path.device);
   if (forced != ForcedPath::kAuto && forced != ForcedPath::kPersistent) return path;
   const bool is_forced = forced == ForcedPath::kPersistent;
   // One step is one launch on either path.
   if (s.seq_len == 0 || s.batch == 0 || (!is_forced && s.seq_len < 2)) return path;
-  constexpr bool kHalfType =
-      std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
-  const cuda::DeviceTraits traits = device_traits();
-  const bool tensor_cores = traits.tensor_cores && s.batch >= kTensorCoreMinBatch &&
-                            (kHalfType || allow_tf32<scalar_t>());
   const cuda::PersistentProblem problem{
       static_cast<int>(std::min<int64_t>(s.seq_len, std::numeric_limits<int>::max())),
-      static_cast<int>(s.batch), static_cast<int>(s.hidden_size),
-      static_cast<int>(s.output_size), directions, projection, backward, tensor_cores};
-  const cuda::PersistentDevice device = persistent_device();
+      static_cast<int>(s.batch),
+      static_cast<int>(s.hidden_size),
+      static_cast<int>(s.output_size),
+      directions,
+      projection,
+      backward,
+      path.steps.each_step[0].tensor_cores};
   std::string why = s.seq_len > std::numeric_limits<int>::max()
                         ? std::string("more than 2^31 - 1 steps")
                         : capture_forbids_cooperative_launch();
   cuda::PersistentPlan plan{};
   if (why.empty()) {
-    plan = persistent_plan<T>(problem, device);
+    plan = persistent_plan<T>(problem, info.persistent);
     if (!plan.feasible) why = plan.reason;
   }
   if (!why.empty()) {
@@ -304,10 +487,9 @@ CudaPath choose_path(const LstmSizes& s, int directions, bool backward, bool pro
                 "fused-step kernels here");
     return path;
   }
-  if (!is_forced && !(plan.estimated_step_us <
-                      cuda::estimate_step_kernels_us(problem, device, sizeof(T), has_lengths))) {
-    return path;
-  }
+  const double steps_us = directions * step_kernels_us(path.steps, s, backward, projection,
+                                                       has_lengths, info.steps.multiprocessors);
+  if (!is_forced && !(plan.estimated_step_us < steps_us)) return path;
   path.persistent = true;
   path.layout = plan.layout;
   return path;
@@ -329,6 +511,29 @@ void persistent_refused(int directions) {
   TORCH_WARN_ONCE("lstm_fused: ", kWhy, "; the fused-step kernels run instead");
 }
 
+// The split-K scratch of the step kernels' launches of a call: big enough for every plan,
+// allocated once before the step loop (counters zeroed; every launch leaves them zero).
+struct Workspace {
+  at::Tensor partial_sums, counters;
+
+  Workspace(const StepLaunches& launches, const at::TensorOptions& acc_options) {
+    int64_t partials = launches.last.partial_sums, count = launches.last.counters;
+    for (int i = 0; i < launches.count; ++i) {
+      partials = std::max(partials, launches.each_step[i].partial_sums);
+      count = std::max(count, launches.each_step[i].counters);
+    }
+    if (count > 0) {
+      partial_sums = at::empty({partials}, acc_options);
+      counters = at::zeros({count}, acc_options.dtype(at::kInt));
+    }
+  }
+
+  cuda::SplitWorkspace view() const {
+    if (!counters.defined()) return {nullptr, nullptr};
+    return {partial_sums.data_ptr(), counters.data_ptr<int>()};
+  }
+};
+
 // ---- One direction's buffers -------------------------------------------------------------------
 
 // A forward pass's inputs, prepared, and its saved-state buffers, for one direction.
@@ -342,6 +547,7 @@ struct ForwardDirection {
   bool reverse;
 };
 
+template <typename scalar_t>
 ForwardDirection forward_direction(const LstmSizes& s, const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, const at::Tensor& w_ih,
                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -351,8 +557,11 @@ ForwardDirection forward_direction(const LstmSizes& s, const at::Tensor& x, cons
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const auto acc_options = x.options().dtype(accumulate_type(x));
   ForwardDirection d;
-  // The input projection of all steps at once, in x's dtype.
-  d.input_gates = at::mm(x.reshape({T * B, s.input_size}), w_ih.t()).view({T, B, 4 * H});
+  // The input projection of all steps at once, in x's dtype (TF32 as the kernels).
+  d.input_gates = at::empty({T * B, 4 * H}, x.options());
+  matmul_for<scalar_t>(allow_tf32<scalar_t>())(d.input_gates, x.reshape({T * B, s.input_size}),
+                                               w_ih.t(), false);
+  d.input_gates = d.input_gates.view({T, B, 4 * H});
   if (b_ih.has_value() || b_hh.has_value()) {
     d.bias = at::zeros({4 * H}, acc_options);
     if (b_ih.has_value()) d.bias.add_(*b_ih);
@@ -372,6 +581,7 @@ ForwardDirection forward_direction(const LstmSizes& s, const at::Tensor& x, cons
 struct BackwardDirection {
   at::Tensor w_hh, w_hr, gates, cells, c0;  // contiguous; w_hr undefined without a projection
   at::Tensor grad_h, grad_c;  // [B, P], [B, H] in: dL/dh_n, dL/dc_n; out: dL/dh_0, dL/dc_0
+  // In x's dtype, the GEMMs' operands (and the step kernels' next product operand):
   at::Tensor grad_gates;      // [T, B, 4H] dL/dz_t
   at::Tensor grad_proj_out;   // with a projection: [T, B, P] grad_y[t] + dL/dh_t, else undefined
   at::Tensor hidden_all;      // with a projection: [T, B, H] o * tanh(c_t), else undefined
@@ -394,25 +604,25 @@ BackwardDirection backward_direction(const LstmSizes& s, const at::Tensor& x,
   d.c0 = c0.to(acc_options).contiguous();
   d.grad_h = grad_h_n.to(acc_options, false, true).contiguous();
   d.grad_c = grad_c_n.to(acc_options, false, true).contiguous();
-  d.grad_gates = at::empty({T, B, 4 * H}, acc_options);
+  d.grad_gates = at::empty({T, B, 4 * H}, x.options());
   if (w_hr.has_value()) {
-    d.grad_proj_out = at::empty({T, B, P}, acc_options);
+    d.grad_proj_out = at::empty({T, B, P}, x.options());
     d.hidden_all = at::empty({T, B, H}, x.options());
   }
   d.reverse = reverse;
   return d;
 }
 
-// The weight gradients and dx of one direction from its pass back in time (the GEMMs run in x's
-// dtype, float32 accumulation inside cuBLAS).
+// The weight gradients and dx of one direction from its pass back in time: GEMMs in x's dtype,
+// float32 as TF32 exactly where the kernels use it.
+template <typename scalar_t>
 BackwardResult backward_result(const LstmSizes& s, const BackwardDirection& d, const at::Tensor& x,
                                const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& y,
                                bool has_bias) {
   const auto dtype = x.scalar_type();
-  return gradients_over_steps(s, d.grad_gates.to(dtype), x, h0, w_ih, y,
-                              d.grad_proj_out.defined() ? d.grad_proj_out.to(dtype) : at::Tensor(),
-                              d.hidden_all, d.grad_h.to(dtype), d.grad_c.to(dtype), d.reverse,
-                              has_bias);
+  return gradients_over_steps(s, d.grad_gates, x, h0, w_ih, y, d.grad_proj_out, d.hidden_all,
+                              d.grad_h.to(dtype), d.grad_c.to(dtype), d.reverse, has_bias,
+                              matmul_for<scalar_t>(allow_tf32<scalar_t>()));
 }
 
 // ---- The persistent kernel ---------------------------------------------------------------------
@@ -504,8 +714,8 @@ bool run_persistent_backward(const LstmSizes& s, const cuda::PersistentLayout& l
     out.c0 = in.c0.data_ptr<Acc>();
     out.grad_h = in.grad_h.data_ptr<Acc>();
     out.grad_c = in.grad_c.data_ptr<Acc>();
-    out.grad_gates = in.grad_gates.data_ptr<Acc>();
-    out.grad_proj_out = projection ? in.grad_proj_out.data_ptr<Acc>() : nullptr;
+    out.grad_gates = pointer<T, scalar_t>(in.grad_gates);
+    out.grad_proj_out = projection ? pointer<T, scalar_t>(in.grad_proj_out) : nullptr;
     out.hidden_all = projection ? pointer<T, scalar_t>(in.hidden_all) : nullptr;
     uint8_t* const base = exchange.data_ptr<uint8_t>() + i * per_direction;
     out.gate_exchange = base;
@@ -519,59 +729,61 @@ bool run_persistent_backward(const LstmSizes& s, const cuda::PersistentLayout& l
   return true;
 }
 
+// ---- The step kernels --------------------------------------------------------------------------
+
 template <typename scalar_t>
-void forward_steps(const LstmSizes& s, const at::Tensor& input_gates, const at::Tensor& bias,
-                   const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                   const std::optional<at::Tensor>& w_hr, const at::Tensor& lengths, bool reverse,
-                   at::Tensor& y, at::Tensor& cells, at::Tensor& gates) {
+void forward_steps(const LstmSizes& s, const CudaPath& path, const ForwardDirection& d,
+                   const at::Tensor& lengths, at::Tensor& y) {
   using T = typename KernelType<scalar_t>::type;
   using Acc = acc_t<T>;
   const int64_t T_ = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const bool training = gates.defined(), has_proj = w_hr.has_value();
-  const StepTile tile = step_tile();
-  cuda::DeviceTraits device = device_traits();
-  device.allow_tf32 = allow_tf32<scalar_t>();
+  const bool training = d.gates.defined(), has_proj = d.w_hr.defined(), reverse = d.reverse;
   const cudaStream_t stream = current_stream();
   at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
-  const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
-  const at::Tensor padded =
-      has_proj && lengths.defined() ? padding_mask(lengths, T_) : at::Tensor();
 
-  // Raw pointers per step, from the step's index alone; tensor views only where a GEMM needs one
-  // (making a view costs about as much host time as launching a small step).
+  // Raw pointers per step, from the step's index alone: no tensor is made in the step loop.
   T* const y_data = pointer<T, scalar_t>(y);
-  const T* const input_gates_data = pointer<const T, scalar_t>(input_gates);
-  Acc* const cells_data = cells.data_ptr<Acc>();
-  Acc* const gates_data = training ? gates.data_ptr<Acc>() : nullptr;
+  const T* const input_gates_data = pointer<const T, scalar_t>(d.input_gates);
+  Acc* const cells_data = d.cells.data_ptr<Acc>();
+  Acc* const gates_data = training ? d.gates.data_ptr<Acc>() : nullptr;
   cuda::ForwardStep<T> step{};
   step.batch = static_cast<int>(B);
   step.hidden_size = static_cast<int>(H);
   step.output_size = static_cast<int>(P);
-  step.w_hh = pointer<const T, scalar_t>(w_hh);
-  step.bias = bias.defined() ? bias.data_ptr<Acc>() : nullptr;
+  step.w_hh = pointer<const T, scalar_t>(d.w_hh);
+  step.bias = d.bias.defined() ? d.bias.data_ptr<Acc>() : nullptr;
   step.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   step.has_projection = has_proj;
   if (has_proj) step.hidden_out = pointer<T, scalar_t>(hidden);
+  const Workspace workspace(path.steps, d.cells.options());
+  step.workspace = workspace.view();
+  // y[t] = hidden W_hr^T, per step (W_hr^T: a column-major view of W_hr).
+  const MatrixRef<const scalar_t> hidden_ref =
+      has_proj ? matrix_of<const scalar_t>(hidden) : MatrixRef<const scalar_t>{};
+  MatrixRef<const scalar_t> w_hr_t{};
+  if (has_proj) w_hr_t = {d.w_hr.data_ptr<scalar_t>(), H, P, 1, H};
   for (int64_t n = 0; n < T_; ++n) {
     const int64_t t = reverse ? T_ - 1 - n : n;
     const int64_t t_prev = reverse ? t + 1 : t - 1;
     // Training keeps every cell state; inference alternates between two buffers.
     const int64_t slot = training ? t : n % 2, slot_prev = training ? t_prev : (n - 1) % 2;
     step.t = t;
-    step.h_prev = n == 0 ? pointer<const T, scalar_t>(h0) : y_data + t_prev * B * P;
-    step.c_prev = n == 0 ? c0.data_ptr<Acc>() : cells_data + slot_prev * B * H;
+    step.h_prev = n == 0 ? pointer<const T, scalar_t>(d.h0) : y_data + t_prev * B * P;
+    step.c_prev = n == 0 ? d.c0.data_ptr<Acc>() : cells_data + slot_prev * B * H;
     step.c_next = cells_data + slot * B * H;
     step.input_gates = input_gates_data + t * B * 4 * H;
     if (!has_proj) step.hidden_out = y_data + t * B * P;
     step.gates = training ? gates_data + t * B * 4 * H : nullptr;
-    check_launch(cuda::launch_forward_step<T>(step, tile, device, stream),
+    check_launch(cuda::launch_forward_step<T>(step, path.tile, path.device, stream),
                  "forward step kernel");
     if (has_proj) {
-      at::Tensor y_t = y.select(0, t);
-      at::mm_out(y_t, hidden, w_hr_t);
-      if (padded.defined()) {
-        const at::Tensor h_prev = n == 0 ? h0 : y.select(0, t_prev);
-        y_t.copy_(at::where(padded.select(0, t).unsqueeze(1), h_prev, y_t));
+      T* const y_t = y_data + t * B * P;
+      gemm<scalar_t>({reinterpret_cast<scalar_t*>(y_t), B, P, P, 1}, hidden_ref, w_hr_t, false,
+                     path.device.allow_tf32, y.options());
+      if (step.lengths != nullptr) {
+        check_launch(cuda::launch_carry_padded_rows<T>(y_t, step.h_prev, step.lengths, t,
+                                                       step.batch, step.output_size, stream),
+                     "padded-row kernel");
       }
     }
   }
@@ -586,75 +798,73 @@ ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::
   const LstmSizes s = check_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_cuda_sizes(s);
   DeviceGuard guard(x.device());
-  const ForwardDirection d =
-      forward_direction(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training);
   at::Tensor y = at::empty({s.seq_len, s.batch, s.output_size}, x.options());
-  at::Tensor cells = d.cells, gates = d.gates;
+  at::Tensor cells, gates;
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_forward_cuda", [&] {
     const CudaPath path =
         choose_path<scalar_t>(s, 1, /*backward=*/false, w_hr.has_value(), lengths.has_value());
+    const ForwardDirection d = forward_direction<scalar_t>(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                           w_hr, reverse, training);
+    cells = d.cells;
+    gates = d.gates;
     bool done = false;
     if (path.persistent) {
       done = run_persistent_forward<scalar_t>(s, path.layout, {d}, y, s.output_size, lengths_c,
                                               training);
       if (!done) persistent_refused(1);
     }
-    if (!done) {
-      forward_steps<scalar_t>(s, d.input_gates, d.bias, d.h0, d.c0, d.w_hh, w_hr, lengths_c,
-                              reverse, y, cells, gates);
-    }
+    if (!done) forward_steps<scalar_t>(s, path, d, lengths_c, y);
   });
 
   return forward_result(s, y, cells, gates, x, h0, c0, reverse, training);
 }
 
+// The pass back in time by the step kernels; w_hh_t, w_hr_t: W_hh^T and W_hr^T, contiguous.
 template <typename scalar_t>
-void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tensor& c0,
-                    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                    const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& lengths,
-                    bool reverse, at::Tensor& grad_h, at::Tensor& grad_c, at::Tensor& grad_gates,
-                    at::Tensor& grad_proj_out, at::Tensor& hidden_all) {
+void backward_steps(const LstmSizes& s, const CudaPath& path, const at::Tensor& grad_y,
+                    const at::Tensor& w_hh_t, const at::Tensor& w_hr_t,
+                    const at::Tensor& lengths, BackwardDirection& d) {
   using T = typename KernelType<scalar_t>::type;
   using Acc = acc_t<T>;
   const int64_t T_ = s.seq_len, H = s.hidden_size, P = s.output_size;
-  const bool has_proj = w_hr.has_value();
-  const StepTile tile = step_tile();
-  cuda::DeviceTraits device = device_traits();
-  device.allow_tf32 = allow_tf32<scalar_t>();
+  const bool has_proj = w_hr_t.defined(), reverse = d.reverse;
   const cudaStream_t stream = current_stream();
 
   // Raw pointers per step, from the step's index alone (see forward_steps).
   const int64_t B = s.batch;
   const T* const grad_y_data = pointer<const T, scalar_t>(grad_y);
-  const Acc* const gates_data = gates.data_ptr<Acc>();
-  const Acc* const cells_data = cells.data_ptr<Acc>();
-  Acc* const grad_gates_data = grad_gates.data_ptr<Acc>();
-  Acc* const grad_total_data = has_proj ? grad_proj_out.data_ptr<Acc>() : nullptr;
-  T* const hidden_data = has_proj ? pointer<T, scalar_t>(hidden_all) : nullptr;
-  const T* const w_hh_data = pointer<const T, scalar_t>(w_hh);
-  const T* const w_hr_data = has_proj ? pointer<const T, scalar_t>(*w_hr) : nullptr;
+  const Acc* const gates_data = d.gates.data_ptr<Acc>();
+  const Acc* const cells_data = d.cells.data_ptr<Acc>();
+  T* const grad_gates_data = pointer<T, scalar_t>(d.grad_gates);
+  T* const grad_total_data = has_proj ? pointer<T, scalar_t>(d.grad_proj_out) : nullptr;
+  T* const hidden_data = has_proj ? pointer<T, scalar_t>(d.hidden_all) : nullptr;
+  const T* const w_hh_t_data = pointer<const T, scalar_t>(w_hh_t);
+  const T* const w_hr_t_data = has_proj ? pointer<const T, scalar_t>(w_hr_t) : nullptr;
   cuda::BackwardStep<T> step{};
   step.batch = static_cast<int>(B);
   step.hidden_size = static_cast<int>(H);
   step.output_size = static_cast<int>(P);
-  step.grad_h = grad_h.data_ptr<Acc>();
-  step.grad_c = grad_c.data_ptr<Acc>();
+  step.grad_h = d.grad_h.data_ptr<Acc>();
+  step.grad_c = d.grad_c.data_ptr<Acc>();
   step.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const Workspace workspace(path.steps, d.cells.options());
+  step.workspace = workspace.view();
   // G_t: dL/dh_t received from step t_next (or as given at the first step), into grad_h; the
-  // product's operands are dL/dz_{t_next} and W_hh.
+  // product's operands are dL/dz_{t_next} and W_hh^T.
   auto set_received = [&](int64_t t_next, bool first) {
     step.a = first ? nullptr : grad_gates_data + t_next * B * 4 * H;
     step.k = static_cast<int>(4 * H);
-    step.w = w_hh_data;
+    step.w = w_hh_t_data;
     step.t_next = t_next;
     step.first = first;
     step.grad_y_next = first ? nullptr : grad_y_data + t_next * B * P;
   };
   auto launch = [&](BackwardMode mode, const char* kernel) {
-    check_launch(cuda::launch_backward_step<T>(step, mode, tile, device, stream), kernel);
+    check_launch(cuda::launch_backward_step<T>(step, mode, path.tile, path.device, stream),
+                 kernel);
   };
   for (int64_t n = 0; n < T_; ++n) {
     const int64_t t = reverse ? n : T_ - 1 - n;
@@ -665,7 +875,7 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
     step.grad_y = grad_y_data + t * B * P;
     step.gates = gates_data + t * B * 4 * H;
     step.cell = cells_data + t * B * H;
-    step.c_prev = from_initial ? c0.data_ptr<Acc>() : cells_data + t_prev * B * H;
+    step.c_prev = from_initial ? d.c0.data_ptr<Acc>() : cells_data + t_prev * B * H;
     step.grad_gates = grad_gates_data + t * B * 4 * H;
     set_received(t_next, n == 0);
     if (has_proj) {
@@ -674,7 +884,7 @@ void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, const at::Tens
       launch(BackwardMode::kHiddenGrad, "backward hidden-gradient kernel");
       step.a = step.grad_total;
       step.k = static_cast<int>(P);
-      step.w = w_hr_data;
+      step.w = w_hr_t_data;
       step.hidden_out = hidden_data + t * B * H;
       launch(BackwardMode::kGates, "backward gate kernel");
     } else {
@@ -703,12 +913,13 @@ BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_
       backward_direction(s, x, grad_h_n, grad_c_n, c0, w_hh, w_hr, gates, cells, reverse)};
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
 
-  if (s.seq_len > 0 && s.batch > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                    "lstm_fused_backward_cuda", [&] {
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_backward_cuda", [&] {
+    const CudaPath path =
+        choose_path<scalar_t>(s, 1, /*backward=*/true, w_hr.has_value(), lengths.has_value());
+    if (s.seq_len > 0 && s.batch > 0) {
       const at::Tensor grad_y_c = grad_y.contiguous();
-      const CudaPath path =
-          choose_path<scalar_t>(s, 1, /*backward=*/true, w_hr.has_value(), lengths.has_value());
       bool done = false;
       if (path.persistent) {
         done = run_persistent_backward<scalar_t>(s, path.layout, d, grad_y_c, s.output_size,
@@ -716,15 +927,15 @@ BackwardResult backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_
         if (!done) persistent_refused(1);
       }
       if (!done) {
-        const std::optional<at::Tensor> w_hr_c =
-            w_hr.has_value() ? std::optional<at::Tensor>(d[0].w_hr) : std::nullopt;
-        backward_steps<scalar_t>(s, grad_y_c, d[0].c0, d[0].w_hh, w_hr_c, d[0].gates, d[0].cells,
-                                 lengths_c, reverse, d[0].grad_h, d[0].grad_c, d[0].grad_gates,
-                                 d[0].grad_proj_out, d[0].hidden_all);
+        // The step kernels' products read the weights' columns along K: transposed copies, once.
+        const at::Tensor w_hh_t = d[0].w_hh.t().contiguous();
+        const at::Tensor w_hr_t = w_hr.has_value() ? d[0].w_hr.t().contiguous() : at::Tensor();
+        backward_steps<scalar_t>(s, path, grad_y_c, w_hh_t, w_hr_t, lengths_c, d[0]);
       }
-    });
-  }
-  return backward_result(s, d[0], x, h0, w_ih, y, has_bias);
+    }
+    result = backward_result<scalar_t>(s, d[0], x, h0, w_ih, y, has_bias);
+  });
+  return result;
 }
 
 // ---- Both directions of a layer ----------------------------------------------------------------
@@ -750,9 +961,10 @@ BidirectionalForwardResult bidirectional_forward_cuda(
         choose_path<scalar_t>(s, 2, /*backward=*/false, w_hr.has_value(), lengths.has_value());
     if (!path.persistent) return;
     const std::vector<ForwardDirection> d{
-        forward_direction(s, x, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, w_hr, false, training),
-        forward_direction(s, x, h0[1], c0[1], w_ih_reverse, w_hh_reverse, b_ih_reverse,
-                          b_hh_reverse, w_hr_reverse, true, training)};
+        forward_direction<scalar_t>(s, x, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, w_hr, false,
+                                    training),
+        forward_direction<scalar_t>(s, x, h0[1], c0[1], w_ih_reverse, w_hh_reverse,
+                                    b_ih_reverse, b_hh_reverse, w_hr_reverse, true, training)};
     at::Tensor y = at::empty({s.seq_len, s.batch, 2 * P}, x.options());
     const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
     if (!run_persistent_forward<scalar_t>(s, path.layout, d, y, 2 * P, lengths_c, training)) {
@@ -818,9 +1030,9 @@ BidirectionalBackwardResult bidirectional_backward_cuda(
         return;
       }
       auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-          backward_result(s, d[0], x, h0[0], w_ih, y.narrow(2, 0, P), has_bias);
+          backward_result<scalar_t>(s, d[0], x, h0[0], w_ih, y.narrow(2, 0, P), has_bias);
       auto [grad_x_r, grad_h0_r, grad_c0_r, grad_w_ih_r, grad_w_hh_r, grad_bias_r, grad_w_hr_r] =
-          backward_result(s, d[1], x, h0[1], w_ih_reverse, y.narrow(2, P, P), has_bias);
+          backward_result<scalar_t>(s, d[1], x, h0[1], w_ih_reverse, y.narrow(2, P, P), has_bias);
       result = BidirectionalBackwardResult{
           grad_x.add_(grad_x_r), at::stack({grad_h0, grad_h0_r}), at::stack({grad_c0, grad_c0_r}),
           grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_w_ih_r, grad_w_hh_r, grad_bias_r,
@@ -834,6 +1046,65 @@ BidirectionalBackwardResult bidirectional_backward_cuda(
                                              cells_reverse, has_bias);
 }
 
+#ifdef LSTM_FUSED_EMULATE_CUDA
+// The step plans of a call's launches at these sizes, for tests of the tile choice: per launch
+// kind (forward; backward kFused, or kHiddenGrad and kGates with a projection; the last
+// kHiddenGrad) rows, columns, tensor cores, split, blocks.
+std::vector<int64_t> step_plans(int64_t batch, int64_t hidden_size, int64_t proj_size,
+                                at::ScalarType dtype, bool allow_tf32) {
+  std::vector<int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "step_plans", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    cuda::DeviceTraits device = device_info().steps;
+    device.allow_tf32 = allow_tf32 && std::is_same_v<scalar_t, float>;
+    LstmSizes s{};
+    s.batch = batch;
+    s.hidden_size = hidden_size;
+    s.output_size = proj_size > 0 ? proj_size : hidden_size;
+    const StepTile tile = step_tile_of(forced_path());
+    auto add = [&](const cuda::StepPlan& plan) {
+      out.insert(out.end(), {plan.rows, plan.columns, plan.tensor_cores ? 1 : 0, plan.split,
+                             plan.blocks});
+    };
+    add(step_launches<T>(s, false, proj_size > 0, tile, device).each_step[0]);
+    const StepLaunches backward = step_launches<T>(s, true, proj_size > 0, tile, device);
+    for (int i = 0; i < backward.count; ++i) add(backward.each_step[i]);
+    add(backward.last);
+  });
+  return out;
+}
+
+// The persistent kernel's plan on the emulated device, and the cost model's estimates per step
+// of it and of the step kernels' plans, for tests of the capacity and of the dispatch.
+std::tuple<bool, std::string, int64_t, int64_t, int64_t, double, double> persistent_plan_of(
+    at::ScalarType dtype, int64_t batch, int64_t hidden_size, int64_t output_size,
+    int64_t directions, bool projection, bool backward, bool tensor_cores) {
+  const cuda::PersistentProblem problem{
+      2, static_cast<int>(batch), static_cast<int>(hidden_size), static_cast<int>(output_size),
+      static_cast<int>(directions), projection, backward, tensor_cores};
+  const DeviceInfo info = device_info();
+  cuda::PersistentPlan plan{};
+  double steps_us = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_plan", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    plan = cuda::plan_persistent<T>(problem, info.persistent);
+    LstmSizes s{};
+    s.seq_len = 2;
+    s.batch = batch;
+    s.hidden_size = hidden_size;
+    s.output_size = output_size;
+    cuda::DeviceTraits device = info.steps;
+    device.allow_tf32 = tensor_cores && std::is_same_v<scalar_t, float>;
+    const StepLaunches launches =
+        step_launches<T>(s, backward, projection, StepTile::kAuto, device);
+    steps_us = directions * step_kernels_us(launches, s, backward, projection, false,
+                                            device.multiprocessors);
+  });
+  return {plan.feasible, std::string(plan.reason), plan.layout.blocks_per_direction,
+          plan.layout.staged_rows, plan.layout.shared_bytes, plan.estimated_step_us, steps_us};
+}
+#endif
+
 }  // namespace
 }  // namespace lstm_fused
 
@@ -843,7 +1114,7 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
   m.def(lstm_fused::kBackwardSchema);
   m.def(lstm_fused::kBidirectionalForwardSchema);
   m.def(lstm_fused::kBidirectionalBackwardSchema);
-  // The emulated device that the persistent kernel is planned for and launched on.
+  // The emulated device that every kernel is planned for and launched on.
   m.def("set_emulated_device(int multiprocessors, int shared_bytes_per_block, "
         "bool cooperative_launch, int coresident_block_limit, bool capturing, "
         "int runtime_version) -> ()",
@@ -857,36 +1128,17 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
           model.capturing = capturing;
           model.runtime_version = static_cast<int>(runtime_version);
         });
-  // The persistent kernel's plan on the emulated device, and the cost model's estimates.
   m.def("persistent_plan(ScalarType dtype, int batch, int hidden_size, int output_size, "
         "int directions, bool projection, bool backward, bool tensor_cores) -> (bool feasible, "
         "str reason, int blocks_per_direction, int staged_rows, int shared_bytes, "
         "float estimated_step_us, float step_kernels_us)",
-        [](at::ScalarType dtype, int64_t batch, int64_t hidden_size, int64_t output_size,
-           int64_t directions, bool projection, bool backward, bool tensor_cores) {
-          const lstm_fused::cuda::PersistentProblem problem{
-              2, static_cast<int>(batch), static_cast<int>(hidden_size),
-              static_cast<int>(output_size), static_cast<int>(directions), projection, backward,
-              tensor_cores};
-          const lstm_fused::cuda::PersistentDevice device = lstm_fused::persistent_device();
-          lstm_fused::cuda::PersistentPlan plan{};
-          int element_bytes = 0;
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_plan", [&] {
-            using T = typename lstm_fused::KernelType<scalar_t>::type;
-            plan = lstm_fused::cuda::plan_persistent<T>(problem, device);
-            element_bytes = sizeof(T);
-          });
-          return std::make_tuple(plan.feasible, std::string(plan.reason),
-                                 static_cast<int64_t>(plan.layout.blocks_per_direction),
-                                 static_cast<int64_t>(plan.layout.staged_rows),
-                                 static_cast<int64_t>(plan.layout.shared_bytes),
-                                 plan.estimated_step_us,
-                                 lstm_fused::cuda::estimate_step_kernels_us(problem, device,
-                                                                            element_bytes, false));
-        });
+        &lstm_fused::persistent_plan_of);
   // Kernel launches so far on this thread, so that tests can count launches per step.
   m.def("launch_count() -> int",
         []() -> int64_t { return static_cast<int64_t>(cuda_emulation::launch_count()); });
+  m.def("step_plans(int batch, int hidden_size, int proj_size, ScalarType dtype, bool allow_tf32)"
+        " -> int[]",
+        &lstm_fused::step_plans);
 }
 TORCH_LIBRARY_IMPL(lstm_fused_emulated, CPU, m) {
 #else

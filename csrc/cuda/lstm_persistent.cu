@@ -49,7 +49,6 @@ using math::max_of;
 using math::min_of;
 using math::from_acc;
 using math::round_up;
-using math::sigmoid;
 using math::tanh_of;
 using math::to_acc;
 
@@ -545,15 +544,15 @@ __device__ __forceinline__ void forward_body(const ForwardLaunch<T>& launch) {
         z[q] = partial_sum<Acc>(gate_phase, layout, smem, b, q * gate_phase.block_columns + u) +
                pre[j][q];
       }
-      const Acc i = sigmoid(z[0]), f = sigmoid(z[1]), g = tanh_of(z[2]), o = sigmoid(z[3]);
-      cell[j] = f * cell[j] + i * g;
-      const T h = from_acc<T>(o * tanh_of(cell[j]));
+      const math::CellForward<Acc> next = math::cell_forward(z, cell[j]);
+      cell[j] = next.c;
+      const T h = from_acc<T>(next.h);
       if (a.training) d.cells[row * H + column] = cell[j];
       if (gates != nullptr) {
-        gates[0] = i;
-        gates[H] = f;
-        gates[2 * H] = g;
-        gates[3 * H] = o;
+        gates[0] = next.i;
+        gates[H] = next.f;
+        gates[2 * H] = next.g;
+        gates[3 * H] = next.o;
       }
       if (projection) {
         hidden_exchange[static_cast<int64_t>(b) * ld_h + column] = operand<kTensorCores>(h);
@@ -704,7 +703,7 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
       last_grad_y[j] = grad_y[j];
       const Acc total = grad_y[j] + g;
       if (projection) {
-        d.grad_proj_out[(static_cast<int64_t>(t) * B + b) * P + column] = total;
+        d.grad_proj_out[(static_cast<int64_t>(t) * B + b) * P + column] = from_acc<T>(total);
         total_exchange[static_cast<int64_t>(b) * ld_p + column] =
             operand_from_acc<kTensorCores, T>(total);
       } else {
@@ -722,12 +721,12 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
       const int column = unit0 + u;
       const int64_t row = static_cast<int64_t>(t) * B + b;
       const Acc dh = projection ? partial_sum<Acc>(gate_phase, layout, smem, b, u) : grad_hidden[j];
-      Acc* const grad_gates = d.grad_gates + row * 4 * H + column;
+      T* const grad_gates = d.grad_gates + row * 4 * H + column;
       Op* const exchange = gates_next + static_cast<int64_t>(b) * ld_gates + column;
       if (bit(padded, j)) {  // padding: the state was carried, and so is dL/dc
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          grad_gates[q * H] = Acc(0);
+          grad_gates[q * H] = from_acc<T>(Acc(0));
           exchange[q * H] = zero;
         }
         if (projection) d.hidden_all[row * H + column] = from_acc<T>(Acc(0));
@@ -735,17 +734,13 @@ __device__ __forceinline__ void backward_body(const BackwardLaunch<T>& launch) {
       }
       const Acc i = saved[j][0], f = saved[j][1], g = saved[j][2], o = saved[j][3];
       const Acc tc = tanh_of(saved[j][4]);
-      const Acc dc = grad_c[j] + dh * o * (Acc(1) - tc * tc);
-      Acc dz[4];
-      dz[0] = dc * g * i * (Acc(1) - i);
-      dz[1] = dc * saved[j][5] * f * (Acc(1) - f);
-      dz[2] = dc * i * (Acc(1) - g * g);
-      dz[3] = dh * tc * o * (Acc(1) - o);
-      grad_c[j] = dc * f;
+      const math::CellBackward<Acc> grad =
+          math::cell_backward(i, f, g, o, tc, saved[j][5], dh, grad_c[j]);
+      grad_c[j] = grad.grad_c_prev;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        grad_gates[q * H] = dz[q];
-        exchange[q * H] = operand_from_acc<kTensorCores, T>(dz[q]);
+        grad_gates[q * H] = from_acc<T>(grad.dz[q]);
+        exchange[q * H] = operand_from_acc<kTensorCores, T>(grad.dz[q]);
       }
       if (projection) d.hidden_all[row * H + column] = from_acc<T>(o * tc);
     });
@@ -770,17 +765,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- Plan --------------------------------------------------------------------------------------
 
-// The cost model: per step, the measured floors (an H100's, the same chip as an H200's) and
-// estimates of the rates a block reaches. Only the comparison with the fused-step kernels matters;
-// benchmarks/bench_lstm.py times both paths for calibration.
+// The persistent kernel's side of the cost model (see cost in lstm_kernels.h): per step, the
+// measured floors and estimates of the rates a block reaches.
+using cost::kFmaPerUsPerSm;
+using cost::kL2BytesPerUs;
+using cost::kTensorMacsPerUsPerSm;
 constexpr double kGridBarrierUs = 1.3;      // a cooperative grid sync, any block count (measured)
-constexpr double kLaunchUs = 4.0;           // an empty kernel launch back to back (measured)
 constexpr double kPhaseLatencyUs = 0.6;     // L2 round trips per phase: operand, then outputs
-constexpr double kL2BytesPerUs = 5.0e6;     // aggregate L2 bandwidth
 constexpr double kL2BytesPerUsPerSm = 1.0e5;      // one multiprocessor's share
 constexpr double kSharedBytesPerUsPerSm = 2.0e5;  // 128 bytes per cycle
-constexpr double kFmaPerUsPerSm = 5.0e4;    // float32 multiply-adds by one 256-thread block
-constexpr double kTensorMacsPerUsPerSm = 5.0e5;   // half-type tensor-core multiply-adds, one block
 
 template <typename T>
 double fma_rate() {
@@ -1082,18 +1075,6 @@ PersistentPlan plan_persistent(const PersistentProblem& pr, const PersistentDevi
   plan.reason[0] = '\0';
   plan.estimated_step_us = best;
   return plan;
-}
-
-double estimate_step_kernels_us(const PersistentProblem& pr, const PersistentDevice& device,
-                                int element_bytes, bool has_lengths) {
-  const double B = pr.batch, H = pr.hidden_size, P = pr.output_size;
-  const int launches = pr.backward ? (pr.projection ? 2 : 1)
-                                   : 1 + (pr.projection ? (has_lengths ? 3 : 1) : 0);
-  const double macs = B * 4 * H * P + (pr.projection ? B * P * H : 0.0);
-  const double weight_bytes = (4 * H * P + (pr.projection ? P * H : 0.0)) * element_bytes;
-  const double rate = (pr.tensor_cores ? kTensorMacsPerUsPerSm : 2 * kFmaPerUsPerSm) *
-                      std::max(1, device.multiprocessors);
-  return pr.directions * (launches * kLaunchUs + std::max(macs / rate, weight_bytes / kL2BytesPerUs));
 }
 
 template <typename T>

@@ -92,7 +92,7 @@ struct PersistentPlan {
   bool feasible;
   char reason[256];     // why not, when infeasible
   PersistentLayout layout;
-  double estimated_step_us;  // the cost model's time per step
+  double estimated_step_us;  // the cost model's time per step (see cost in lstm_kernels.h)
 };
 
 // The layout of the launch for `problem` on `device`, or why there is none (W_hh beyond the
@@ -100,10 +100,6 @@ struct PersistentPlan {
 // cooperative launch, too few multiprocessors). Chooses the block count by the cost model.
 template <typename T>
 PersistentPlan plan_persistent(const PersistentProblem& problem, const PersistentDevice& device);
-
-// The cost model's time per step of the fused-step kernels for the same problem, to compare.
-double estimate_step_kernels_us(const PersistentProblem& problem, const PersistentDevice& device,
-                                int element_bytes, bool has_lengths);
 
 // The exchange buffers through which blocks pass h_t, dL/dz_t (and with a projection o * tanh(c_t)
 // or grad_y[t] + dL/dh_t) from one phase to the next: per direction [layout.batch_padded]
@@ -153,8 +149,8 @@ struct PersistentBackwardDirection {
   const acc_t<T>* c0;        // [B, H]
   acc_t<T>* grad_h;          // [B, P] in: dL/dh_n, out: dL/dh_0
   acc_t<T>* grad_c;          // [B, H] in: dL/dc_n, out: dL/dc_0
-  acc_t<T>* grad_gates;      // [T, B, 4H] dL/dz_t, written
-  acc_t<T>* grad_proj_out;   // with a projection: [T, B, P] grad_y[t] + dL/dh_t, written
+  T* grad_gates;             // [T, B, 4H] dL/dz_t, written (in T, as the weight GEMMs take it)
+  T* grad_proj_out;          // with a projection: [T, B, P] grad_y[t] + dL/dh_t, written
   T* hidden_all;             // with a projection: [T, B, H] o * tanh(c_t), written
   void* gate_exchange;       // [2, batch_padded, ld(4H)] dL/dz for the next step, zero-filled
   void* total_exchange;      // with a projection: [batch_padded, ld(P)], zero-filled

@@ -16,8 +16,14 @@
 // Limitations:
 //  - Linux/glibc only (ucontext + setjmp); x86-64 with g++ or clang.
 //  - Dynamic shared memory only in cooperative launches (elsewhere shared_bytes must be 0); no
-//    warp intrinsics, no atomics, no streams (a launch is synchronous; the stream argument is
-//    ignored).
+//    warp intrinsics, no streams (a launch is synchronous; the stream argument is ignored). Of
+//    the atomics only atomicAdd on integers (one OS thread runs every block, switching only at
+//    barriers, so every atomic is trivially atomic).
+//  - Asynchronous copies (__pipeline_memcpy_async, __pipeline_commit, __pipeline_wait_prior, as
+//    cuda_pipeline_primitives.h declares them) complete only when the issuing thread waits for
+//    their group; until then the destination holds 0xFF bytes (NaN in every floating-point type),
+//    so a read before the wait, by the issuing thread or, after a barrier, by any other, sees
+//    poison instead of the data. Described at their definition below.
 //  - Of the warp matrix functions (nvcuda::wmma, <mma.h>) only a subset, described at its
 //    definition below; each thread computes the whole warp's operation by itself.
 //  - Exceptions must not escape a kernel: one that does calls std::terminate.
@@ -28,11 +34,25 @@
 //    sites are not detected (they synchronise with each other as if at one barrier).
 //  - Switching stacks with longjmp is incompatible with CET shadow stacks; build with
 //    -fcf-protection=none where a toolchain turns shadow stacks on.
+//  - Under AddressSanitizer (-fsanitize=address) the fiber switches are announced to it, and
+//    __shared__ variables are plain statics, which it surrounds with redzones (it does not
+//    instrument thread_local storage); launches from different OS threads then run one at a time.
 #pragma once
 
 // Included before the CUDA keyword macros below so that they cannot change these headers.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CUDA_EMULATION_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUDA_EMULATION_ASAN 1
+#endif
+#endif
+#ifdef CUDA_EMULATION_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <math.h>
 #include <setjmp.h>
@@ -49,6 +69,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -77,8 +99,22 @@
 #define __align__(n) __attribute__((aligned(n)))
 #endif
 #ifndef __shared__
+#ifdef CUDA_EMULATION_ASAN
+// AddressSanitizer puts redzones around statics but not around thread_local storage.
+#define CUDA_EMULATION_SHARED_STORAGE static
+#else
 // All fibers of a block run on one OS thread, so a per-OS-thread static is per-block storage.
-#define __shared__ static thread_local
+#define CUDA_EMULATION_SHARED_STORAGE static thread_local
+#endif
+#define CUDA_EMULATION_CONCAT_(a, b) a##b
+#define CUDA_EMULATION_CONCAT(a, b) CUDA_EMULATION_CONCAT_(a, b)
+// The blocks of a cooperative launch run on that one OS thread together, where such storage would
+// be shared by all of them: a check before each declaration aborts there (see "Cooperative
+// launches").
+#define __shared__                                                          \
+  [[maybe_unused]] const ::cuda_emulation::detail::StaticSharedCheck        \
+      CUDA_EMULATION_CONCAT(cuda_emulation_static_shared_, __COUNTER__){}; \
+  CUDA_EMULATION_SHARED_STORAGE
 #endif
 
 // ---- Runtime types ----------------------------------------------------------------------------
@@ -127,11 +163,26 @@ extern "C" void cuda_emulation_detail_longjmp(jmp_buf env, int value) noexcept
 namespace cuda_emulation {
 namespace detail {
 
+// An asynchronous copy issued by a thread and not yet waited for (see __pipeline_memcpy_async).
+struct AsyncCopy {
+  unsigned char* destination;
+  const unsigned char* source;
+  unsigned bytes;          // copied from source; the rest up to `size` is zero-filled
+  unsigned size;           // 4, 8 or 16
+  std::uint64_t group;     // the commit group it belongs to
+  unsigned char data[16];  // the source as it was when the copy was issued
+};
+
 struct Fiber {
   jmp_buf context;     // where this fiber resumes
   dim3 thread_index;   // its threadIdx in the current launch
   void* mapping = nullptr;
   std::size_t mapping_bytes = 0;
+  void* stack_bottom = nullptr;  // the usable stack, above the guard page
+  std::size_t stack_bytes = 0;
+  void* fake_stack = nullptr;    // AddressSanitizer's, saved across switches
+  std::vector<AsyncCopy> async_copies;  // issued and not yet waited for
+  std::uint64_t async_group = 0;        // the group that copies issued now join
 };
 
 // Hot per-OS-thread state; trivially constructed so accesses need no TLS init check.
@@ -150,6 +201,11 @@ struct Scheduler {
   void* payload = nullptr;
   jmp_buf launcher{};  // the launching context, resumed when a block is done
   jmp_buf creator{};   // the context that is starting a new fiber
+  // The launching OS thread's stack, as AddressSanitizer reports it at the first switch.
+  const void* launcher_stack_bottom = nullptr;
+  std::size_t launcher_stack_bytes = 0;
+  void* launcher_fake_stack = nullptr;
+  bool leaving_launcher = false;  // the switch under way started in the launching context
 };
 
 inline thread_local Scheduler t_scheduler;
@@ -160,6 +216,17 @@ inline thread_local dim3 t_grid_dim{1, 1, 1};
 // CUDA keeps the last error per host thread.
 inline thread_local cudaError_t t_last_error = cudaSuccess;
 inline thread_local std::uint64_t t_launch_count = 0;
+
+// Constructed before every static __shared__ declaration is reached (see __shared__ above).
+struct StaticSharedCheck {
+  StaticSharedCheck() noexcept;
+};
+
+// Under AddressSanitizer __shared__ variables are process-wide statics: one launch at a time.
+inline std::mutex& launch_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
 
 inline const dim3& current_thread_index() noexcept { return t_thread_idx; }
 inline const dim3& current_block_index() noexcept { return t_block_idx; }
@@ -172,8 +239,40 @@ inline const dim3& current_grid_dim() noexcept { return t_grid_dim; }
   std::abort();
 }
 
+// Stack switches announced to AddressSanitizer (no-ops without it): leaving the running context
+// (a fiber, or null for the launching one) for `to`, and arriving in `self`.
+inline void leave_for(Fiber* from, const Fiber* to) noexcept {
+#ifdef CUDA_EMULATION_ASAN
+  Scheduler& s = t_scheduler;
+  s.leaving_launcher = from == nullptr;
+  __sanitizer_start_switch_fiber(from ? &from->fake_stack : &s.launcher_fake_stack,
+                                 to ? to->stack_bottom : s.launcher_stack_bottom,
+                                 to ? to->stack_bytes : s.launcher_stack_bytes);
+#else
+  (void)from;
+  (void)to;
+#endif
+}
+
+inline void arrive_in(Fiber* self) noexcept {
+#ifdef CUDA_EMULATION_ASAN
+  Scheduler& s = t_scheduler;
+  const void* bottom = nullptr;
+  std::size_t bytes = 0;
+  __sanitizer_finish_switch_fiber(self ? self->fake_stack : s.launcher_fake_stack, &bottom,
+                                  &bytes);
+  if (s.leaving_launcher) {
+    s.launcher_stack_bottom = bottom;
+    s.launcher_stack_bytes = bytes;
+  }
+#else
+  (void)self;
+#endif
+}
+
 [[noreturn]] inline void jump_to(Fiber* next) noexcept {
   Scheduler& s = t_scheduler;
+  leave_for(s.current, next);
   s.current = next;
   t_thread_idx = next->thread_index;
   cuda_emulation_detail_longjmp(next->context, 1);
@@ -181,8 +280,21 @@ inline const dim3& current_grid_dim() noexcept { return t_grid_dim; }
 
 [[noreturn]] inline void jump_to_launcher() noexcept {
   Scheduler& s = t_scheduler;
+  leave_for(s.current, nullptr);
   s.current = nullptr;
   cuda_emulation_detail_longjmp(s.launcher, 1);
+}
+
+// A thread must not end with asynchronous copies in flight: their data would never be read.
+inline void check_no_copies_in_flight(const Fiber& fiber) noexcept {
+  if (fiber.async_copies.empty()) return;
+  std::fprintf(stderr,
+               "cuda_emulation: thread (%u, %u, %u) of block (%u, %u, %u) returned with %zu "
+               "asynchronous copies (__pipeline_memcpy_async) that it never waited for\n",
+               fiber.thread_index.x, fiber.thread_index.y, fiber.thread_index.z, t_block_idx.x,
+               t_block_idx.y, t_block_idx.z, fiber.async_copies.size());
+  std::fflush(stderr);
+  std::abort();
 }
 
 inline Fiber* fiber_at(const Scheduler& s, unsigned position) noexcept {
@@ -218,14 +330,22 @@ inline Fiber* advance(bool exited) noexcept {
 [[noreturn]] inline void fiber_main() noexcept {
   Scheduler& s = t_scheduler;
   Fiber* const self = s.creating;
-  if (_setjmp(self->context) == 0) cuda_emulation_detail_longjmp(s.creator, 1);
+  arrive_in(self);
+  if (_setjmp(self->context) == 0) {
+    leave_for(self, nullptr);
+    cuda_emulation_detail_longjmp(s.creator, 1);
+  }
+  arrive_in(self);
   for (;;) {
     s.body(s.payload);
+    check_no_copies_in_flight(*self);
+    self->async_group = 0;
     Fiber* const next = advance(true);
     if (_setjmp(self->context) == 0) {
       if (next != nullptr) jump_to(next);
       jump_to_launcher();
     }
+    arrive_in(self);
   }
 }
 
@@ -257,6 +377,8 @@ class FiberPool {
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mapping == MAP_FAILED) fatal("cannot allocate a fiber stack");
     fiber->mapping = mapping;
+    fiber->stack_bottom = static_cast<char*>(mapping) + page;
+    fiber->stack_bytes = stack_bytes;
     // A guard page turns a stack overflow into a SIGSEGV instead of silent corruption.
     if (mprotect(mapping, page, PROT_NONE) != 0) fatal("cannot protect a fiber stack");
 
@@ -269,7 +391,11 @@ class FiberPool {
     Scheduler& s = t_scheduler;
     s.creating = fiber.get();
     // setcontext costs a signal-mask syscall, paid once per stack; fiber_main jumps back here.
-    if (_setjmp(s.creator) == 0) setcontext(&context);
+    if (_setjmp(s.creator) == 0) {
+      leave_for(nullptr, fiber.get());
+      setcontext(&context);
+    }
+    arrive_in(nullptr);
     s.creating = nullptr;
     return fiber.release();
   }
@@ -289,6 +415,7 @@ __attribute__((__noinline__)) inline void run_block(bool descending) {
   s.position = 0;
   s.exited = 0;
   if (_setjmp(s.launcher) == 0) jump_to(fiber_at(s, 0));
+  arrive_in(nullptr);
 }
 
 inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* payload) {
@@ -327,7 +454,9 @@ __attribute__((__noinline__)) inline void barrier() {
   if (self == nullptr) fatal("__syncthreads() called outside a kernel run by cuda_emulation::launch");
   Fiber* const next = advance(false);
   if (next == nullptr) fatal("a barrier ended the launch");  // unreachable: waiting threads remain
-  if (next != self && _setjmp(self->context) == 0) jump_to(next);
+  if (next == self) return;
+  if (_setjmp(self->context) == 0) jump_to(next);
+  arrive_in(self);
 }
 
 inline cudaError_t validate(dim3 grid, dim3 block, std::size_t shared_bytes) {
@@ -361,6 +490,9 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t
     std::tuple<std::decay_t<Params>...> params;
   };
   Payload payload{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+#ifdef CUDA_EMULATION_ASAN
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+#endif
   detail::run_grid(
       grid, block,
       [](void* p) {
@@ -410,6 +542,151 @@ inline cudaError_t cudaGetLastError() {
 }
 
 inline cudaError_t cudaPeekAtLastError() { return ::cuda_emulation::detail::t_last_error; }
+
+// ---- Vector types, atomics, fences, cache-hinted loads -----------------------------------------
+// The 16- and 8-byte vector types with CUDA's alignment: an access through a misaligned pointer
+// is undefined behaviour that -fsanitize=alignment reports, as the GPU faults on it.
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(8) float2 { float x, y; };
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// Blocks run one after another on one OS thread, so these are atomic as they stand.
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline void __threadfence() { __asm__ __volatile__("" ::: "memory"); }
+template <typename T>
+inline T __ldcg(const T* address) {
+  return *address;
+}
+
+// ---- Asynchronous copies to shared memory: CUDA's cuda_pipeline_primitives.h ----------------
+// __pipeline_memcpy_async(dst, src, size, zfill) copies size - zfill bytes from src and zeros
+// the last zfill, asynchronously; __pipeline_commit() closes the calling thread's current group
+// of copies; __pipeline_wait_prior(n) waits until at most the n most recently committed groups
+// of the calling thread are still in flight. The data is visible to the issuing thread after
+// its wait, and to the other threads of the block after a __syncthreads() that follows it.
+//
+// Emulated faithfully enough that misuse shows: a copy completes only at the issuing thread's
+// wait (never at a barrier, nor by another thread's wait); until then its destination holds
+// 0xFF bytes, so reading it early gives NaN (or -1) instead of the data. Aborted with a message,
+// as undefined behaviour on a GPU: a size other than 4, 8 or 16 bytes, zfill > size, a
+// destination or source not aligned to the size, a second copy in flight to the same bytes, a
+// destination written (or a source changed) while its copy is in flight, and a thread that
+// returns with copies it never waited for. Called outside a kernel it aborts too.
+namespace cuda_emulation {
+namespace detail {
+
+[[noreturn]] __attribute__((__format__(__printf__, 2, 3))) inline void fail_async(
+    const char* function, const char* format, ...) noexcept {
+  std::fprintf(stderr, "cuda_emulation: %s", function);
+  if (t_scheduler.current != nullptr)
+    std::fprintf(stderr, " in thread (%u, %u, %u) of block (%u, %u, %u)", t_thread_idx.x,
+                 t_thread_idx.y, t_thread_idx.z, t_block_idx.x, t_block_idx.y, t_block_idx.z);
+  std::fprintf(stderr, ": ");
+  va_list arguments;
+  va_start(arguments, format);
+  std::vfprintf(stderr, format, arguments);
+  va_end(arguments);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::abort();
+}
+
+constexpr unsigned char kInFlight = 0xff;  // what a destination holds until its copy completes
+
+inline Fiber& issuing_fiber(const char* function) noexcept {
+  Fiber* const self = t_scheduler.current;
+  if (self == nullptr) fail_async(function, "called outside a kernel run by cuda_emulation::launch");
+  return *self;
+}
+
+inline void complete(const AsyncCopy& copy) noexcept {
+  for (unsigned i = 0; i < copy.size; ++i) {
+    if (copy.destination[i] != kInFlight)
+      fail_async("__pipeline_wait_prior",
+                 "the destination %p of an asynchronous copy was written while the copy was in "
+                 "flight", static_cast<void*>(copy.destination));
+  }
+  if (std::memcmp(copy.source, copy.data, copy.bytes) != 0)
+    fail_async("__pipeline_wait_prior",
+               "the source %p of an asynchronous copy changed while the copy was in flight",
+               static_cast<const void*>(copy.source));
+  std::memcpy(copy.destination, copy.data, copy.bytes);
+  std::memset(copy.destination + copy.bytes, 0, copy.size - copy.bytes);
+}
+
+}  // namespace detail
+}  // namespace cuda_emulation
+
+inline void __pipeline_memcpy_async(void* __restrict__ dst_shared,
+                                    const void* __restrict__ src_global, size_t size_and_align,
+                                    size_t zfill = 0) {
+  namespace emulation = ::cuda_emulation::detail;
+  emulation::Fiber& self = emulation::issuing_fiber("__pipeline_memcpy_async");
+  if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16)
+    emulation::fail_async("__pipeline_memcpy_async", "size %zu is not 4, 8 or 16 bytes",
+                          size_and_align);
+  if (zfill > size_and_align)
+    emulation::fail_async("__pipeline_memcpy_async", "zfill %zu exceeds the size %zu", zfill,
+                          size_and_align);
+  if (reinterpret_cast<std::uintptr_t>(dst_shared) % size_and_align != 0 ||
+      reinterpret_cast<std::uintptr_t>(src_global) % size_and_align != 0)
+    emulation::fail_async("__pipeline_memcpy_async",
+                          "destination %p or source %p is not aligned to the copy size %zu",
+                          dst_shared, src_global, size_and_align);
+  auto* const destination = static_cast<unsigned char*>(dst_shared);
+  for (const emulation::AsyncCopy& other : self.async_copies) {
+    if (destination < other.destination + other.size &&
+        other.destination < destination + size_and_align)
+      emulation::fail_async("__pipeline_memcpy_async",
+                            "a second asynchronous copy to %p while one to %p is in flight",
+                            dst_shared, static_cast<void*>(other.destination));
+  }
+  emulation::AsyncCopy copy;
+  copy.destination = destination;
+  copy.source = static_cast<const unsigned char*>(src_global);
+  copy.bytes = static_cast<unsigned>(size_and_align - zfill);
+  copy.size = static_cast<unsigned>(size_and_align);
+  copy.group = self.async_group;
+  std::memcpy(copy.data, src_global, copy.bytes);  // a source out of bounds fails here
+  std::memset(destination, emulation::kInFlight, size_and_align);
+  self.async_copies.push_back(copy);
+}
+
+inline void __pipeline_commit() {
+  ++::cuda_emulation::detail::issuing_fiber("__pipeline_commit").async_group;
+}
+
+inline void __pipeline_wait_prior(size_t prior) {
+  namespace emulation = ::cuda_emulation::detail;
+  emulation::Fiber& self = emulation::issuing_fiber("__pipeline_wait_prior");
+  // Groups [0, async_group) are committed; the newest `prior` of them may stay in flight, and so
+  // do copies not yet committed (group == async_group).
+  const std::uint64_t complete_below = self.async_group > prior ? self.async_group - prior : 0;
+  std::size_t kept = 0;
+  for (const emulation::AsyncCopy& copy : self.async_copies) {
+    if (copy.group < complete_below) {
+      emulation::complete(copy);
+    } else {
+      self.async_copies[kept++] = copy;
+    }
+  }
+  self.async_copies.resize(kept);
+}
 
 // ---- Warp matrix functions: nvcuda::wmma, as CUDA's <mma.h> declares them ----------------------
 // Used as in CUDA (`namespace wmma = nvcuda::wmma;`), with no include beyond this header.
@@ -724,10 +1001,14 @@ inline void mma_sync(fragment<accumulator, m, n, k, float>& d,
 // different call sites are not told apart.
 //
 // Shared memory: each block gets its own dynamic shared memory (dynamic_shared_memory(), for
-// `extern __shared__`), filled with 0xFF bytes (a NaN in every floating-point type) before the
-// kernel starts, so that reading what was never written shows. Static __shared__ variables are
-// one per OS thread, so all blocks share them: a cooperative kernel may use them only for data
-// that does not live across a grid barrier.
+// `extern __shared__`), an allocation of exactly the launch's size (AddressSanitizer guards its
+// end), filled with 0xFF bytes (a NaN in every floating-point type) before the kernel starts, so
+// that reading what was never written shows. Static __shared__ variables would be one for all
+// the blocks (they are per OS thread, or process-wide under AddressSanitizer): reaching the
+// declaration of one in a cooperative launch of more than one block aborts with a message.
+//
+// Under AddressSanitizer every switch between the grid's fibers is announced to it, as in
+// ordinary launches, and cooperative launches take the same one-launch-at-a-time lock.
 //
 // The emulated device (device_model()) answers cudaDeviceGetAttribute,
 // cudaOccupancyMaxActiveBlocksPerMultiprocessor, cudaFuncSetAttribute, cudaStreamIsCapturing and
@@ -821,14 +1102,26 @@ struct Grid {
   unsigned waiting = 0;      // blocks waiting at the grid barrier
   unsigned returned = 0;     // blocks whose threads have all returned
   unsigned phase = 0;        // grid barriers opened so far
-  std::vector<unsigned char> shared;  // dynamic shared memory, shared_stride bytes per block
-  unsigned char* shared_base = nullptr;  // its first 128-byte boundary
-  std::size_t shared_stride = 0;
+  std::vector<unsigned char*> shared;  // per block: its dynamic shared memory, or empty
 };
 enum : unsigned char { kRunnable = 0, kWaiting = 1, kReturned = 2 };
+constexpr std::align_val_t kSharedAlignment{128};
 
 inline thread_local Grid t_grid;
 inline thread_local unsigned char* t_dynamic_shared = nullptr;
+
+inline StaticSharedCheck::StaticSharedCheck() noexcept {
+  const Scheduler& s = t_scheduler;
+  if (!s.cooperative || t_grid.blocks <= 1) return;
+  std::fprintf(stderr,
+               "cuda_emulation: a static __shared__ variable in block (%u, %u, %u) of a "
+               "cooperative launch of %u blocks: the emulator would give every block the same "
+               "one; use dynamic shared memory (cuda_emulation::dynamic_shared_memory(), "
+               "extern __shared__ in CUDA)\n",
+               t_block_idx.x, t_block_idx.y, t_block_idx.z, t_grid.blocks);
+  std::fflush(stderr);
+  std::abort();
+}
 
 inline dim3 block_index_of(const Grid& g, unsigned b) {
   return dim3(b % g.shape.x, b / g.shape.x % g.shape.y, b / (g.shape.x * g.shape.y));
@@ -847,7 +1140,7 @@ inline Fiber* enter_block(unsigned b) noexcept {
   // Alternate blocks run their threads in reverse, as in ordinary launches.
   s.descending = ((b ^ g.phase) & 1u) != 0;
   t_block_idx = block_index_of(g, b);
-  t_dynamic_shared = g.shared_stride == 0 ? nullptr : g.shared_base + b * g.shared_stride;
+  t_dynamic_shared = g.shared.empty() ? nullptr : g.shared[b];
   return fiber_at(s, 0);
 }
 
@@ -925,7 +1218,9 @@ __attribute__((__noinline__)) inline void grid_barrier() {
   ++s.at_grid;
   Fiber* const next = advance(false);
   if (next == nullptr) fatal("a grid barrier ended the launch");  // unreachable: self waits
-  if (next != self && _setjmp(self->context) == 0) jump_to(next);
+  if (next == self) return;
+  if (_setjmp(self->context) == 0) jump_to(next);
+  arrive_in(self);
 }
 
 __attribute__((__noinline__)) inline void run_cooperative_grid(dim3 grid, dim3 block,
@@ -945,10 +1240,11 @@ __attribute__((__noinline__)) inline void run_cooperative_grid(dim3 grid, dim3 b
   }
   g.state.assign(g.blocks, kRunnable);
   g.turn = g.waiting = g.returned = g.phase = 0;
-  g.shared_stride = (shared_bytes + 127) / 128 * 128;
-  g.shared.assign(g.shared_stride * g.blocks + 128, 0xFF);
-  const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(g.shared.data());
-  g.shared_base = g.shared.data() + ((128 - address % 128) % 128);
+  g.shared.assign(shared_bytes == 0 ? 0 : g.blocks, nullptr);
+  for (unsigned char*& memory : g.shared) {
+    memory = static_cast<unsigned char*>(::operator new(shared_bytes, kSharedAlignment));
+    std::memset(memory, 0xFF, shared_bytes);
+  }
   s.body = body;
   s.payload = payload;
   s.in_launch = true;
@@ -957,12 +1253,14 @@ __attribute__((__noinline__)) inline void run_cooperative_grid(dim3 grid, dim3 b
   t_block_dim = block;
   Fiber* const first = enter_block(0);
   if (_setjmp(s.launcher) == 0) jump_to(first);
+  arrive_in(nullptr);
   s.cooperative = false;
   s.in_launch = false;
   s.body = nullptr;
   s.payload = nullptr;
   s.at_grid = 0;
   t_dynamic_shared = nullptr;
+  for (unsigned char* memory : g.shared) ::operator delete(memory, kSharedAlignment);
   g.shared.clear();
   t_thread_idx = dim3(0, 0, 0);
   t_block_idx = dim3(0, 0, 0);
@@ -1004,6 +1302,9 @@ cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block,
     std::tuple<std::decay_t<Params>...> params;
   };
   Payload payload{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+#ifdef CUDA_EMULATION_ASAN
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+#endif
   detail::run_cooperative_grid(
       grid, block, shared_bytes,
       [](void* p) {

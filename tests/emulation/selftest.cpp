@@ -1,11 +1,15 @@
 // Self-test of cuda_emulation.h. Returns 0 when every check passes; prints each failure otherwise.
 // With an argument it runs one misuse that must abort (see main): "divergent" (a divergent
 // barrier), "misaligned", "misaligned-store", "bad-ldm", "bad-ldm-float", "partial-warp" (wmma
-// preconditions), "grid-barrier-missed" (a block returns without reaching a grid barrier the
-// others wait at), "grid-barrier-extra" (one block waits at one grid barrier more than the
-// others reach), "grid-barrier-mismatched" (threads of a block wait at a grid barrier and at
-// __syncthreads() at once), "grid-barrier-divergent" (threads of a block return while others
-// wait at a grid barrier), "grid-barrier-outside" (a grid barrier in an ordinary launch).
+// preconditions), "copy-*" (asynchronous copies), "grid-barrier-missed" (a block returns
+// without reaching a grid barrier the others wait at), "grid-barrier-extra" (one block waits at
+// one grid barrier more than the others reach), "grid-barrier-mismatched" (threads of a block wait
+// at a grid barrier and at __syncthreads() at once), "grid-barrier-divergent" (threads of a block
+// return while others wait at a grid barrier), "grid-barrier-outside" (a grid barrier in an
+// ordinary launch), "grid-static-shared" (a static __shared__ variable in a cooperative launch of
+// several blocks); and, in a build with -fsanitize=address,undefined, "shared-out-of-bounds",
+// "global-out-of-bounds", "misaligned-vector" and "dynamic-shared-out-of-bounds" (past a block's
+// dynamic shared memory in a cooperative launch), which only the sanitizers catch.
 #include "cuda_emulation.h"
 
 #include <algorithm>
@@ -14,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -291,7 +296,7 @@ __global__ void grid_order(unsigned* __restrict__ first_word, unsigned* __restri
 }
 
 // Misuses of the grid barrier, one per mode; each must abort.
-enum class GridMisuse { kMissed, kExtra, kMismatched, kDivergent };
+enum class GridMisuse { kMissed, kExtra, kMismatched, kDivergent, kStaticShared };
 
 __global__ void grid_misuse(int mode, int* sink) {
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
@@ -315,8 +320,22 @@ __global__ void grid_misuse(int mode, int* sink) {
       if (blockIdx.x == 0 && threadIdx.x >= 16) return;
       grid.sync();
       break;
+    case GridMisuse::kStaticShared: {  // one copy for every block: a value kept across a barrier
+      __shared__ int kept;             // would be overwritten by the other blocks
+      if (threadIdx.x == 0) kept = static_cast<int>(blockIdx.x);
+      grid.sync();
+      sink[blockIdx.x] = kept;
+      return;
+    }
   }
   sink[blockIdx.x] = 1;
+}
+
+// Reads one int past the 32 of its block's dynamic shared memory: only AddressSanitizer sees it.
+__global__ void past_dynamic_shared(int* sink) {
+  const int* const shared = reinterpret_cast<const int*>(cuda_emulation::dynamic_shared_memory());
+  cooperative_groups::this_grid().sync();
+  if (threadIdx.x == 31) sink[blockIdx.x] = shared[threadIdx.x + 1];
 }
 
 __global__ void grid_barrier_in_ordinary_launch() { cooperative_groups::this_grid().sync(); }
@@ -430,6 +449,148 @@ void test_cooperative_limits() {
   int version = 0;
   CHECK(cudaRuntimeGetVersion(&version) == cudaSuccess && version == 13000, "runtime %d", version);
   CHECK(cudaDriverGetVersion(&version) == cudaSuccess && version == 13000, "driver %d", version);
+}
+
+// ---- Asynchronous copies ---------------------------------------------------------------------
+
+// Copies n floats through shared memory in tiles of 64 with a two-stage pipeline of 16-byte,
+// 8-byte and 4-byte asynchronous copies (per tile: 8 + 4 x 2 + 8 x 1 floats... one size per
+// lane group) and zero-filled tails, doubling each value.
+constexpr int kCopyTile = 64, kCopyThreads = 16;
+
+__global__ void pipelined_copy(const float* __restrict__ in, float* __restrict__ out, int n) {
+  __shared__ __align__(16) float stage[2][kCopyTile];
+  const int t = threadIdx.x;
+  const int tiles = (n + kCopyTile - 1) / kCopyTile;
+  // Thread t owns floats [4t, 4t + 4) of a tile: threads 0-7 copy them as one 16-byte copy,
+  // 8-11 as two 8-byte copies, 12-15 as four 4-byte ones; past n they zero-fill.
+  auto issue = [&](int tile) {
+    float* const dst = stage[tile % 2] + 4 * t;
+    const int first = tile * kCopyTile + 4 * t;
+    const int size = t < 8 ? 16 : t < 12 ? 8 : 4;
+    const int per = size / 4;
+    for (int part = 0; part < 4 / per; ++part) {
+      const int at = first + part * per;
+      const int valid = at >= n ? 0 : (n - at < per ? n - at : per);
+      __pipeline_memcpy_async(dst + part * per, in + (valid ? at : 0), size,
+                              static_cast<size_t>((per - valid) * 4));
+    }
+  };
+  issue(0);
+  __pipeline_commit();
+  for (int tile = 0; tile < tiles; ++tile) {
+    if (tile + 1 < tiles) issue(tile + 1);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);  // the tile just issued may stay in flight
+    __syncthreads();
+    // Another thread's share: visible after the wait and the barrier.
+    const int reader = (t + 5) % kCopyThreads;
+    for (int i = 0; i < 4; ++i) {
+      const int at = tile * kCopyTile + 4 * reader + i;
+      const float value = stage[tile % 2][4 * reader + i];
+      if (at < n) out[at] = 2 * value;
+      else if (value != 0.0f) out[0] = -1.0f;  // the zero fill
+    }
+    __syncthreads();  // the stage is written again two tiles on
+  }
+  __pipeline_wait_prior(0);
+}
+
+// What thread 0 sees of its own copy before waiting, and what thread 1 sees of it after a barrier
+// when thread 0 waited only after the barrier (wrong) or before it (right).
+__global__ void early_reads(const float* __restrict__ in, float* __restrict__ seen, int wait_first) {
+  __shared__ __align__(16) float box[4];
+  if (threadIdx.x == 0) {
+    __pipeline_memcpy_async(box, in, 16);
+    __pipeline_commit();
+    seen[0] = box[0];  // before the wait: poison
+    if (wait_first) __pipeline_wait_prior(0);
+  }
+  __syncthreads();
+  if (threadIdx.x == 1) seen[1] = box[1];
+  __syncthreads();
+  if (threadIdx.x == 0 && !wait_first) __pipeline_wait_prior(0);
+}
+
+enum class CopyMisuse { kMisaligned, kBadSize, kOverlap, kDestinationWritten, kNeverWaited,
+                        kSourceChanged, kZfill };
+
+__global__ void copy_misuse(float* __restrict__ global, int mode) {
+  __shared__ __align__(16) float box[8];
+  switch (static_cast<CopyMisuse>(mode)) {
+    case CopyMisuse::kMisaligned:  // 16 bytes to a 4-byte boundary
+      __pipeline_memcpy_async(box + 1, global, 16);
+      break;
+    case CopyMisuse::kBadSize:
+      __pipeline_memcpy_async(box, global, 12);
+      break;
+    case CopyMisuse::kOverlap:
+      __pipeline_memcpy_async(box, global, 16);
+      __pipeline_memcpy_async(box + 2, global + 4, 8);
+      break;
+    case CopyMisuse::kDestinationWritten:
+      __pipeline_memcpy_async(box, global, 16);
+      __pipeline_commit();
+      box[3] = 1.0f;
+      break;
+    case CopyMisuse::kNeverWaited:
+      __pipeline_memcpy_async(box, global, 16);
+      __pipeline_commit();
+      return;
+    case CopyMisuse::kSourceChanged:
+      __pipeline_memcpy_async(box, global, 16);
+      __pipeline_commit();
+      global[1] = 5.0f;
+      break;
+    case CopyMisuse::kZfill:
+      __pipeline_memcpy_async(box, global, 8, 12);
+      break;
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
+// ---- Only the sanitizers catch these -------------------------------------------------------
+
+__global__ void sanitizer_misuse(float* __restrict__ global, int mode) {
+  __shared__ float tile[32];
+  const int t = threadIdx.x;
+  tile[t] = static_cast<float>(t);
+  __syncthreads();
+  float value = 0.0f;
+  if (mode == 0) {
+    float* const row = tile;
+    value = row[t + 1];  // thread 31 reads past the end of shared memory
+  } else if (mode == 1) {
+    value = global[t + 1];  // thread 31 reads past the end of a 32-float buffer
+  } else {
+    const float4* const vectors = reinterpret_cast<const float4*>(global + 1);  // 4-byte aligned
+    value = vectors[0].x;
+  }
+  global[t] = value;
+}
+
+
+void test_async_copies() {
+  for (int n : {1, 7, 64, 100, 128, 130}) {
+    std::vector<float> in(n), out(n, -7.0f);
+    for (int i = 0; i < n; ++i) in[i] = static_cast<float>(i) + 0.25f;
+    cuda_emulation::launch(pipelined_copy, dim3(2), dim3(kCopyThreads), 0, nullptr, in.data(),
+                           out.data(), n);
+    for (int i = 0; i < n; ++i)
+      CHECK(out[i] == 2 * in[i], "n %d: out[%d] = %g, expected %g", n, i, out[i], 2 * in[i]);
+  }
+  alignas(16) float in[4] = {1.0f, 2.0f, 3.0f, 4.0f};
+  for (int wait_first : {0, 1}) {
+    float seen[2] = {0.0f, 0.0f};
+    cuda_emulation::launch(early_reads, dim3(1), dim3(2), 0, nullptr, in, seen, wait_first);
+    CHECK(std::isnan(seen[0]), "a read before the wait saw %g, not the in-flight poison", seen[0]);
+    if (wait_first)
+      CHECK(seen[1] == 2.0f, "after wait and barrier another thread saw %g", seen[1]);
+    else
+      CHECK(std::isnan(seen[1]), "a read of a copy its issuer had not waited for saw %g",
+            seen[1]);
+  }
 }
 
 void test_reduction() {
@@ -677,7 +838,12 @@ void test_timing() {
   std::printf("timing: %d launches x %u threads x %d barriers in %.3f s (%.1f ns per switch)\n",
               launches, threads, barrier_count, seconds, seconds * 1e9 / switches);
   CHECK(sink == launches, "sink %d", sink);
-  CHECK(seconds < 1.0, "too slow: %.3f s", seconds);
+#ifdef CUDA_EMULATION_ASAN
+  const double limit = 20.0;  // AddressSanitizer's bookkeeping at every switch
+#else
+  const double limit = 1.0;
+#endif
+  CHECK(seconds < limit, "too slow: %.3f s", seconds);
 }
 
 }  // namespace
@@ -693,23 +859,42 @@ int main(int argc, char** argv) {
         {"grid-barrier-extra", GridMisuse::kExtra},
         {"grid-barrier-mismatched", GridMisuse::kMismatched},
         {"grid-barrier-divergent", GridMisuse::kDivergent},
+        {"grid-static-shared", GridMisuse::kStaticShared},
     };
-    bool grid_mode = false;
-    for (const auto& m : grid_modes) {
-      if (std::strcmp(mode, m.name) == 0) {
-        grid_mode = true;
-        std::vector<int> sink(4, 0);
-        cuda_emulation::launch_cooperative(grid_misuse, dim3(4), dim3(32), 0, nullptr,
-                                           static_cast<int>(m.misuse), sink.data());
-      }
-    }
-    if (grid_mode) {
-      // reached only if the misuse went unnoticed
+    const char* const copy_modes[] = {"copy-misaligned", "copy-bad-size", "copy-overlap",
+                                      "copy-destination-written", "copy-never-waited",
+                                      "copy-source-changed", "copy-zfill"};
+    const char* const sanitizer_modes[] = {"shared-out-of-bounds", "global-out-of-bounds",
+                                           "misaligned-vector"};
+    int copy_mode = -1, sanitizer_mode = -1;
+    const GridMisuse* grid_misuse_mode = nullptr;
+    for (const auto& m : grid_modes)
+      if (std::strcmp(mode, m.name) == 0) grid_misuse_mode = &m.misuse;
+    for (int i = 0; i < 7; ++i)
+      if (std::strcmp(mode, copy_modes[i]) == 0) copy_mode = i;
+    for (int i = 0; i < 3; ++i)
+      if (std::strcmp(mode, sanitizer_modes[i]) == 0) sanitizer_mode = i;
+    if (grid_misuse_mode != nullptr) {
+      std::vector<int> sink(4, 0);
+      cuda_emulation::launch_cooperative(grid_misuse, dim3(4), dim3(32), 0, nullptr,
+                                         static_cast<int>(*grid_misuse_mode), sink.data());
     } else if (std::strcmp(mode, "grid-barrier-outside") == 0) {
       cuda_emulation::launch(grid_barrier_in_ordinary_launch, dim3(2), dim3(32), 0, nullptr);
+    } else if (std::strcmp(mode, "dynamic-shared-out-of-bounds") == 0) {
+      std::vector<int> sink(3, 0);
+      cuda_emulation::launch_cooperative(past_dynamic_shared, dim3(3), dim3(32),
+                                         32 * sizeof(int), nullptr, sink.data());
     } else if (std::strcmp(mode, "divergent") == 0) {
       std::vector<int> out(32, 0);
       cuda_emulation::launch(divergent, dim3(1), dim3(32), 0, nullptr, out.data());
+    } else if (copy_mode >= 0) {
+      alignas(16) float global[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+      cuda_emulation::launch(copy_misuse, dim3(1), dim3(1), 0, nullptr, global, copy_mode);
+    } else if (sanitizer_mode >= 0) {
+      // Exactly 32 floats on the heap, so that AddressSanitizer guards the end.
+      std::unique_ptr<float[]> global(new float[32]());
+      cuda_emulation::launch(sanitizer_misuse, dim3(1), dim3(32), 0, nullptr, global.get(),
+                             sanitizer_mode);
     } else {
       struct Mode {
         const char* name;
@@ -742,6 +927,7 @@ int main(int argc, char** argv) {
   test_invalid_configurations();
   test_launch_count();
   test_half_types();
+  test_async_copies();
   test_tf32_rounding();
   test_wmma_layouts();
   test_wmma_gemm<__half, wmma::col_major, 16>("half, col_major b");
