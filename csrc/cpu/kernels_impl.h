@@ -57,63 +57,57 @@ LSTM_FUSED_INLINE float tanh_(float x) {
 LSTM_FUSED_INLINE double sigmoid_(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 LSTM_FUSED_INLINE double tanh_(double x) { return std::tanh(x); }
 
-struct Bfloat16 {
-  uint16_t bits;
-};
-struct Float16 {
-  uint16_t bits;
-};
-
-LSTM_FUSED_INLINE float to_float(Bfloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+LSTM_FUSED_INLINE float bfloat16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
 
 // Round to nearest even; NaN becomes the canonical quiet NaN, as c10::BFloat16 does.
-LSTM_FUSED_INLINE Bfloat16 to_bfloat16(float f) {
+LSTM_FUSED_INLINE uint16_t float_to_bfloat16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  return {static_cast<uint16_t>(nan ? 0x7fc0u : rounded)};
+  return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
 }
 
-LSTM_FUSED_INLINE float to_float(Float16 v) {
+LSTM_FUSED_INLINE float float16_to_float(uint16_t v) {
   _Float16 h;
-  std::memcpy(&h, &v.bits, sizeof(h));
+  std::memcpy(&h, &v, sizeof(h));
   return static_cast<float>(h);
 }
 
-LSTM_FUSED_INLINE Float16 to_float16(float f) {
+LSTM_FUSED_INLINE uint16_t float_to_float16(float f) {
   const _Float16 h = static_cast<_Float16>(f);
-  Float16 v;
-  std::memcpy(&v.bits, &h, sizeof(h));
+  uint16_t v;
+  std::memcpy(&v, &h, sizeof(h));
   return v;
 }
 
-template <typename Out>
-struct Storage;
-template <>
-struct Storage<float> {
-  static LSTM_FUSED_INLINE float load(float v) { return v; }
-  static LSTM_FUSED_INLINE float store(float v) { return v; }
-};
-template <>
-struct Storage<double> {
-  static LSTM_FUSED_INLINE double load(double v) { return v; }
-  static LSTM_FUSED_INLINE double store(double v) { return v; }
+// How a dtype is stored (Type) and converted to and from its arithmetic type. The half types are
+// tags over their 16-bit patterns, so that loops over them vectorise.
+struct Bfloat16 {};
+struct Float16 {};
+
+template <typename Tag>
+struct Storage {
+  using Type = Tag;
+  static LSTM_FUSED_INLINE Tag load(Tag v) { return v; }
+  static LSTM_FUSED_INLINE Tag store(Tag v) { return v; }
 };
 template <>
 struct Storage<Bfloat16> {
-  static LSTM_FUSED_INLINE float load(Bfloat16 v) { return to_float(v); }
-  static LSTM_FUSED_INLINE Bfloat16 store(float v) { return to_bfloat16(v); }
+  using Type = uint16_t;
+  static LSTM_FUSED_INLINE float load(uint16_t v) { return bfloat16_to_float(v); }
+  static LSTM_FUSED_INLINE uint16_t store(float v) { return float_to_bfloat16(v); }
 };
 template <>
 struct Storage<Float16> {
-  static LSTM_FUSED_INLINE float load(Float16 v) { return to_float(v); }
-  static LSTM_FUSED_INLINE Float16 store(float v) { return to_float16(v); }
+  using Type = uint16_t;
+  static LSTM_FUSED_INLINE float load(uint16_t v) { return float16_to_float(v); }
+  static LSTM_FUSED_INLINE uint16_t store(float v) { return float_to_float16(v); }
 };
 
 LSTM_FUSED_INLINE int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -162,7 +156,8 @@ void pack_gates_from(const Matrix& w, Acc* out) {
   constexpr int64_t L = Simd<Acc>::kLanes;
   const int64_t H = w.rows / 4, K = w.cols;
   const int64_t blocks = (H + L - 1) / L;
-  const Source* src = static_cast<const Source*>(w.data);
+  using Stored = typename Storage<Source>::Type;
+  const Stored* src = static_cast<const Stored*>(w.data);
   for (int64_t u = 0; u < blocks; ++u) {
     Acc* block = out + u * K * 4 * L;
     for (int64_t q = 0; q < 4; ++q) {
@@ -173,7 +168,7 @@ void pack_gates_from(const Matrix& w, Acc* out) {
           for (int64_t k = 0; k < K; ++k) column[k * 4 * L] = Acc(0);
           continue;
         }
-        const Source* row = src + (q * H + unit) * w.ld;
+        const Stored* row = src + (q * H + unit) * w.ld;
         for (int64_t k = 0; k < K; ++k) column[k * 4 * L] = Storage<Source>::load(row[k]);
       }
     }
@@ -195,12 +190,13 @@ void pack_columns_from(const Matrix& w, Acc* out) {
   constexpr int64_t W = 4 * Simd<Acc>::kLanes;
   const int64_t G = w.rows, P = w.cols;
   const int64_t blocks = (P + W - 1) / W;
-  const Source* src = static_cast<const Source*>(w.data);
+  using Stored = typename Storage<Source>::Type;
+  const Stored* src = static_cast<const Stored*>(w.data);
   for (int64_t c = 0; c < blocks; ++c) {
     const int64_t col0 = c * W, cols = min_(W, P - col0);
     for (int64_t n = 0; n < G; ++n) {
       Acc* dst = out + (c * G + n) * W;
-      const Source* row = src + n * w.ld + col0;
+      const Stored* row = src + n * w.ld + col0;
       for (int64_t v = 0; v < cols; ++v) dst[v] = Storage<Source>::load(row[v]);
       for (int64_t v = cols; v < W; ++v) dst[v] = Acc(0);
     }
@@ -359,7 +355,8 @@ void hidden_grad(const HiddenGrad<T>& s, int64_t c0, int64_t c1) {
 template <typename Acc, typename Out, bool kWriteAcc>
 LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __restrict gates,
                                    const Acc* __restrict bias, const Acc* __restrict c_prev,
-                                   Acc* __restrict c_next, Out* __restrict hidden,
+                                   Acc* __restrict c_next,
+                                   typename Storage<Out>::Type* __restrict hidden,
                                    Acc* __restrict hidden_acc) {
   for (int64_t j = j0; j < j1; ++j) {
     const Acc i = sigmoid_(gates[j] + bias[j]);
@@ -372,7 +369,7 @@ LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __res
     gates[2 * H + j] = g;
     gates[3 * H + j] = o;
     c_next[j] = c;
-    const Out h = Storage<Out>::store(o * tanh_(c));
+    const auto h = Storage<Out>::store(o * tanh_(c));
     hidden[j] = h;
     if (kWriteAcc) hidden_acc[j] = Storage<Out>::load(h);
   }
@@ -382,13 +379,14 @@ template <typename Acc, typename Out>
 LSTM_FUSED_INLINE void forward_update_as(const ForwardUpdate<Acc>& s, int64_t b, int64_t j0,
                                          int64_t j1) {
   const int64_t H = s.hidden;
-  Out* const out = static_cast<Out*>(s.hidden_out) + b * s.hidden_out_stride;
+  using Stored = typename Storage<Out>::Type;
+  Stored* const out = static_cast<Stored*>(s.hidden_out) + b * s.hidden_out_stride;
   Acc* const out_acc = s.hidden_acc ? s.hidden_acc + b * s.hidden_acc_stride : nullptr;
   if (s.lengths && s.t >= s.lengths[b]) {  // past the end of the sequence: carry the state
     std::memcpy(s.c_next + b * H + j0, s.c_prev + b * H + j0, sizeof(Acc) * (j1 - j0));
     if (s.h_prev) {
-      const Out* h_prev = static_cast<const Out*>(s.h_prev) + b * s.hidden_out_stride;
-      std::memcpy(out + j0, h_prev + j0, sizeof(Out) * (j1 - j0));
+      const Stored* h_prev = static_cast<const Stored*>(s.h_prev) + b * s.hidden_out_stride;
+      std::memcpy(out + j0, h_prev + j0, sizeof(Stored) * (j1 - j0));
     }
     if (out_acc && s.h_prev_acc) {
       std::memcpy(out_acc + j0, s.h_prev_acc + b * s.hidden_acc_stride + j0,

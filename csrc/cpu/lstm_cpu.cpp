@@ -538,7 +538,10 @@ struct ForwardPass {
   const int64_t* lengths;
   at::Tensor x, h0, w_ih, w_hh;  // x, h0 contiguous in x's dtype
   std::optional<at::Tensor> w_hr;
-  at::Tensor y, gates, cells;    // outputs: y [T, B, P]; gates [T or 1, B, 4H]; cells of Acc
+  at::Tensor y;                  // [T, B, P]
+  at::Tensor gates;              // [T, B, 4H] of Acc, where a tensor is needed
+  Acc* gates_data;               // gates, or [B, 4H] of scratch for a single inference step
+  Acc* cells_data;               // [T, B, H] when training, else [2, B, H] used in turn
   at::Tensor c0;                 // [B, H] of Acc
   std::vector<Acc> bias;         // [4H]: b_ih + b_hh
 };
@@ -565,8 +568,8 @@ void run_forward(ForwardPass<Acc>& f) {
   at::Tensor h_acc = convert ? at::empty({2, B, P}, acc_options) : at::Tensor();
 
   // The input projection of all steps at once, unless the step kernel does it.
-  at::Tensor gates_2d = f.gates.view({-1, G});
   if (!plan.fuse_input && T * B > 0) {
+    at::Tensor gates_2d = f.gates.view({-1, G});
     if (dot) {
       const at::Tensor packed_ih = packed_bf16_gates(f.w_ih, cache, *f.kernels->bf16_dot);
       const cpu::GatesProduct<uint16_t, float> p{
@@ -622,8 +625,8 @@ void run_forward(ForwardPass<Acc>& f) {
   const at::Tensor w_hr_t = f.has_proj ? f.w_hr->t() : at::Tensor();
   const int64_t out_stride = f.has_proj ? H : P;
 
-  Acc* const gates_data = f.gates.template data_ptr<Acc>();
-  Acc* const cells_data = f.cells.template data_ptr<Acc>();
+  Acc* const gates_data = f.gates_data;
+  Acc* const cells_data = f.cells_data;
   const Acc* const c0_data = f.c0.template data_ptr<Acc>();
   const size_t element = f.y.element_size();
   char* const y_data = static_cast<char*>(f.y.data_ptr());
@@ -772,6 +775,46 @@ void check_cpu_dtype(const at::Tensor& x) {
               dtype);
 }
 
+// Buffers that a call needs only while it runs, kept per thread between calls (up to a size) so
+// that small calls allocate nothing.
+template <typename Acc>
+struct Scratch {
+  static constexpr int64_t kMaxKept = int64_t(1) << 18;  // elements per buffer
+  std::vector<Acc> kept[2];
+  // Buffer `which` of at least size elements, or nullptr if that is more than is kept.
+  Acc* get(int which, int64_t size) {
+    if (size > kMaxKept) return nullptr;
+    if (static_cast<int64_t>(kept[which].size()) < size) kept[which].resize(size);
+    return kept[which].data();
+  }
+};
+
+template <typename Acc>
+Scratch<Acc>& thread_scratch() {
+  thread_local Scratch<Acc> scratch;
+  return scratch;
+}
+
+// t (contiguous, x's dtype) = values of Acc.
+template <typename Acc>
+void store_as(at::Tensor& t, const Acc* values) {
+  const int64_t n = t.numel();
+  switch (t.scalar_type()) {
+    case at::kBFloat16: {
+      auto* out = t.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(values[i]);
+      break;
+    }
+    case at::kHalf: {
+      auto* out = t.data_ptr<at::Half>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(values[i]);
+      break;
+    }
+    default:
+      std::memcpy(t.data_ptr(), values, n * sizeof(Acc));
+  }
+}
+
 template <typename Acc>
 std::vector<Acc> summed_bias(int64_t G, const std::optional<at::Tensor>& b_ih,
                              const std::optional<at::Tensor>& b_hh) {
@@ -817,13 +860,41 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
     f.w_hr = w_hr;
     f.y = at::empty({T, B, P}, x.options());
     // Training keeps every step's gates and cell state for backward; inference alternates
-    // between two cell-state buffers.
-    f.gates = at::empty({training || !plan.fuse_input ? T : 1, B, 4 * H}, acc_options);
-    f.cells = at::empty({training ? T : 2, B, H}, acc_options);
+    // between two cell-state buffers, and a single inference step keeps its gates in scratch.
+    at::Tensor gates, cells;
+    Scratch<Acc>& scratch = thread_scratch<Acc>();
+    f.cells_data = training ? nullptr : scratch.get(0, 2 * B * H);
+    if (!f.cells_data) {
+      cells = at::empty({training ? T : 2, B, H}, acc_options);
+      f.cells_data = cells.template data_ptr<Acc>();
+    }
+    f.gates_data = !training && plan.fuse_input ? scratch.get(1, B * 4 * H) : nullptr;
+    if (!f.gates_data) {
+      gates = at::empty({T, B, 4 * H}, acc_options);
+      f.gates_data = gates.template data_ptr<Acc>();
+    }
+    f.gates = gates;
     f.c0 = c0.to(acc_options).contiguous();
     f.bias = summed_bias<Acc>(4 * H, b_ih, b_hh);
     run_forward<Acc>(f);
-    return forward_result(s, f.y, f.cells, f.gates, x, h0, c0, reverse, training);
+
+    // h_n and c_n: the state after the last step processed (the initial state for T = 0).
+    at::Tensor h_n = at::empty({B, P}, x.options()), c_n = at::empty({B, H}, x.options());
+    if (T == 0) {
+      h_n.copy_(h0);
+      c_n.copy_(c0);
+    } else {
+      const int64_t last = last_step_time(T, reverse);
+      std::memcpy(h_n.data_ptr(), static_cast<const char*>(f.y.data_ptr()) +
+                                      last * B * P * f.y.element_size(), h_n.nbytes());
+      const Acc* c_last = f.cells_data + (training ? last : (T - 1) % 2) * B * H;
+      store_as(c_n, c_last);
+    }
+    if (!training) {
+      gates = at::empty({0}, x.options());
+      cells = at::empty({0}, x.options());
+    }
+    return ForwardResult{f.y, h_n, c_n, gates, cells};
   };
   return dtype == at::kDouble ? run(double()) : run(float());
 }
