@@ -123,11 +123,17 @@ struct Bfloat16Dot {
   void (*gates_product)(const GatesProduct<uint16_t, float>& p, int64_t u0, int64_t u1);
 };
 
+// out[r, q*H + unit0 + l] (+)= tile[r, q*16 + l] for r < rows, l < units (<= 16): one block of
+// 16 units' four gates, as oneDNN's brgemm computes them, into the gates' layout.
+using GateTileFn = void (*)(const float* tile, int64_t rows, int64_t hidden, int64_t unit0,
+                            int64_t units, float* out, int64_t ldo, bool accumulate);
+
 struct Kernels {
   Isa isa;
   KernelSet<float> f32;
   KernelSet<double> f64;
   const Bfloat16Dot* bf16_dot;  // nullptr without AVX512-BF16
+  GateTileFn gate_tile;
 };
 
 // The kernels for isa (nullptr if this build has none).

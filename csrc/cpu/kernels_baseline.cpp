@@ -10,7 +10,8 @@ namespace baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kTileRows = 3;
 #include "kernels_impl.h"
-const Kernels kTable{Isa::kBaseline, kernel_set<float>(), kernel_set<double>(), nullptr};
+const Kernels kTable{Isa::kBaseline, kernel_set<float>(), kernel_set<double>(), nullptr,
+                     &gate_tile};
 }  // namespace baseline
 
 const Kernels* baseline_kernels() { return &baseline::kTable; }

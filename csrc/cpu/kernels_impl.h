@@ -474,6 +474,23 @@ void backward_update(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t 
   }
 }
 
+void gate_tile(const float* __restrict tile, int64_t rows, int64_t H, int64_t unit0,
+               int64_t units, float* __restrict out, int64_t ldo, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < 4; ++q) {
+      float* dst = out + r * ldo + q * H + unit0;
+      const float* src = tile + r * 64 + q * 16;
+      if (units == 16 && accumulate) {
+        for (int64_t l = 0; l < 16; ++l) dst[l] += src[l];
+      } else if (units == 16) {
+        for (int64_t l = 0; l < 16; ++l) dst[l] = src[l];
+      } else {
+        for (int64_t l = 0; l < units; ++l) dst[l] = accumulate ? dst[l] + src[l] : src[l];
+      }
+    }
+  }
+}
+
 template <typename T>
 constexpr KernelSet<T> kernel_set() {
   return {Simd<T>::kLanes, &pack_gates<T>,       &pack_columns<T>, &gates_product<T>,

@@ -423,9 +423,10 @@ at::Tensor brgemm_tiles(const at::Tensor& w, bool cache, bool vnni) {
 // out[r, q*H + u*16 + l] (+)= (a W^T)[r, ...] for rows r < rows and blocks [u0, u1), with oneDNN's
 // brgemm on the tiles of brgemm_tiles. a: [rows, lda] of the weight's dtype, K used columns
 // (Kp when vnni pads: the column K must then hold a zero). scratch: kBrgemmRows * 64 floats.
-void brgemm_gates(at::ScalarType dtype, bool vnni, int64_t rows, int64_t H, int64_t K,
-                  const void* a, int64_t lda, const at::Tensor& tiles, float* out, int64_t ldo,
-                  int64_t u0, int64_t u1, bool accumulate, float* scratch) {
+void brgemm_gates(const cpu::Kernels& kernels, at::ScalarType dtype, bool vnni, int64_t rows,
+                  int64_t H, int64_t K, const void* a, int64_t lda, const at::Tensor& tiles,
+                  float* out, int64_t ldo, int64_t u0, int64_t u1, bool accumulate,
+                  float* scratch) {
 #if LSTM_FUSED_HAVE_BRGEMM
   const int64_t Kp = padded_inner(K, vnni);
   const size_t element = at::elementSize(dtype);
@@ -449,21 +450,11 @@ void brgemm_gates(at::ScalarType dtype, bool vnni, int64_t rows, int64_t H, int6
                      reinterpret_cast<const at::Half*>(a_rows),
                      reinterpret_cast<const at::Half*>(tile), scratch, vnni);
       }
-      for (int64_t r = 0; r < m; ++r) {
-        for (int64_t q = 0; q < 4; ++q) {
-          float* dst = out + (r0 + r) * ldo + q * H + unit0;
-          const float* src = scratch + r * kBrgemmCols + q * kBrgemmUnits;
-          if (accumulate) {
-            for (int64_t l = 0; l < units; ++l) dst[l] += src[l];
-          } else {
-            for (int64_t l = 0; l < units; ++l) dst[l] = src[l];
-          }
-        }
-      }
+      kernels.gate_tile(scratch, m, H, unit0, units, out + r0 * ldo, ldo, accumulate);
     }
   }
 #else
-  (void)dtype, (void)vnni, (void)rows, (void)H, (void)K, (void)a, (void)lda, (void)tiles,
+  (void)kernels, (void)dtype, (void)vnni, (void)rows, (void)H, (void)K, (void)a, (void)lda, (void)tiles,
       (void)out, (void)ldo, (void)u0, (void)u1, (void)accumulate, (void)scratch;
   TORCH_CHECK(false, "lstm_fused: this PyTorch has no brgemm");
 #endif
@@ -560,6 +551,7 @@ void run_forward(ForwardPass<Acc>& f) {
   const auto acc_options = f.y.options().dtype(acc_scalar_type<Acc>());
   const int64_t G = 4 * H;
   const bool cache = !f.training;  // training calls pack afresh
+  const bool input_vnni = LSTM_FUSED_HAVE_BRGEMM && is_half(f.dtype) && brgemm_packs(f.dtype);
 
   // The operands of the products: x and h in x's dtype, or float32 copies (convert).
   const at::Tensor x_operand = convert ? f.x.to(at::kFloat) : f.x;
@@ -570,7 +562,20 @@ void run_forward(ForwardPass<Acc>& f) {
   // The input projection of all steps at once, unless the step kernel does it.
   if (!plan.fuse_input && T * B > 0) {
     at::Tensor gates_2d = f.gates.view({-1, G});
-    if (dot) {
+    if (is_half(f.dtype) && input_vnni) {  // AMX: oneDNN's brgemm for every path
+      const at::Tensor tiles = brgemm_tiles(f.w_ih, cache, input_vnni);
+      const int64_t Kp = padded_inner(I, input_vnni);
+      const at::Tensor x_padded =
+          Kp == I ? f.x : at::constant_pad_nd(f.x.view({T * B, I}), {0, Kp - I}).contiguous();
+      const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
+      at::parallel_for(0, blocks, grain(kBrgemmCols * I * T * B), [&](int64_t u0, int64_t u1) {
+        std::vector<float> scratch(kBrgemmRows * kBrgemmCols);
+        brgemm_gates(*f.kernels, f.dtype, input_vnni, T * B, H, I, x_padded.data_ptr(), Kp, tiles,
+                     reinterpret_cast<float*>(gates_2d.data_ptr()), G, u0, u1, false,
+                     scratch.data());
+        brgemm_release(input_vnni);
+      });
+    } else if (dot) {
       const at::Tensor packed_ih = packed_bf16_gates(f.w_ih, cache, *f.kernels->bf16_dot);
       const cpu::GatesProduct<uint16_t, float> p{
           T * B, H, I, reinterpret_cast<const uint16_t*>(f.x.data_ptr()), I,
@@ -579,7 +584,7 @@ void run_forward(ForwardPass<Acc>& f) {
       const int64_t blocks = (H + f.kernels->bf16_dot->lanes - 1) / f.kernels->bf16_dot->lanes;
       at::parallel_for(0, blocks, grain(4 * f.kernels->bf16_dot->lanes * I * T * B),
                        [&](int64_t u0, int64_t u1) { f.kernels->bf16_dot->gates_product(p, u0, u1); });
-    } else if (brgemm && is_half(f.dtype)) {
+    } else if (brgemm && is_half(f.dtype)) {  // oneDNN without packing
       const at::Tensor tiles = brgemm_tiles(f.w_ih, cache, vnni);
       const int64_t Kp = padded_inner(I, vnni);
       const at::Tensor x_padded =
@@ -587,7 +592,7 @@ void run_forward(ForwardPass<Acc>& f) {
       const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
       at::parallel_for(0, blocks, grain(kBrgemmCols * I * T * B), [&](int64_t u0, int64_t u1) {
         std::vector<float> scratch(kBrgemmRows * kBrgemmCols);
-        brgemm_gates(f.dtype, vnni, T * B, H, I, x_padded.data_ptr(), Kp, tiles,
+        brgemm_gates(*f.kernels, f.dtype, vnni, T * B, H, I, x_padded.data_ptr(), Kp, tiles,
                      reinterpret_cast<float*>(gates_2d.data_ptr()), G, u0, u1, false,
                      scratch.data());
         brgemm_release(vnni);
@@ -693,7 +698,7 @@ void run_forward(ForwardPass<Acc>& f) {
         }
         a = padded;
       }
-      brgemm_gates(f.dtype, vnni, B, H, P, a, Pp, packed_hh, reinterpret_cast<float*>(st.gates),
+      brgemm_gates(*f.kernels, f.dtype, vnni, B, H, P, a, Pp, packed_hh, reinterpret_cast<float*>(st.gates),
                    G, u0, u1, true, scratch.data());
     } else {
       const Acc* x_rows = x_operand.template data_ptr<Acc>();
