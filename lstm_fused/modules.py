@@ -168,17 +168,15 @@ class LSTM(nn.RNNBase):
                     output, h, c = self._scripted_layer(sequence, h0[index], c0[index], index,
                                                         direction == 1, lengths)
                 else:
-                    # As nn.LSTM does: by position in _flat_weights (cheaper than getattr).
-                    count = 2 + 2 * int(self.bias) + int(self.proj_size > 0)
-                    w = self._flat_weights[index * count:(index + 1) * count]
+                    suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
                     output, (h, c) = lstm(
                         sequence,
                         (h0[index], c0[index]),
-                        w[0],
-                        w[1],
-                        w[2] if self.bias else None,
-                        w[3] if self.bias else None,
-                        w[-1] if self.proj_size > 0 else None,
+                        getattr(self, "weight_ih" + suffix),
+                        getattr(self, "weight_hh" + suffix),
+                        getattr(self, "bias_ih" + suffix) if self.bias else None,
+                        getattr(self, "bias_hh" + suffix) if self.bias else None,
+                        getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
                         reverse=direction == 1,
                         lengths=lengths,
                     )
@@ -188,8 +186,6 @@ class LSTM(nn.RNNBase):
             sequence = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 sequence = F.dropout(sequence, self.dropout, training=True)
-        if len(h_n) == 1:  # a view, cheaper than a stack of one
-            return sequence, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
         return sequence, torch.stack(h_n), torch.stack(c_n)
 
     def _scripted_layer(self, sequence: Tensor, h0: Tensor, c0: Tensor, index: int, reverse: bool,
