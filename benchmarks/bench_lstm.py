@@ -3,6 +3,7 @@
 
     python benchmarks/bench_lstm.py --quick                  # small grid, ~2 min on 2 CPU cores
     python benchmarks/bench_lstm.py --quick --out results/   # + results.json, .csv, PNG plots
+    python benchmarks/bench_lstm.py --sets streaming         # single steps, the state carried
     python benchmarks/bench_lstm.py --device cuda --dtype float32,bfloat16 --mode training \
         --providers nn.LSTM,lstm_fused --shape 64,128,512,512
 
@@ -40,7 +41,9 @@ except Exception as error:  # the harness still benchmarks the other providers
     lstm_fused = None
     _LSTM_FUSED_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
-MODES = ("inference", "training")
+# streaming: one step (T = 1) per call, the state carried from call to call, under no_grad, as
+# in text generation, real-time audio or a policy; only the rows of the streaming set run it.
+MODES = ("inference", "training", "streaming")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "half": "float16"}
@@ -66,8 +69,11 @@ class Shape:
 @dataclass
 class GridEntry:
     shape: Shape
-    sets: List[str]                       # "goal", "batch", "hidden", "seq", "custom", "smoke"
-    modes: Optional[Tuple[str, ...]] = None  # None: every requested mode
+    sets: List[str]                       # "goal", "streaming", "batch", "hidden", "seq", ...
+    modes: Optional[Tuple[str, ...]] = None  # None: every requested mode but streaming
+
+    def runs(self, mode: str) -> bool:
+        return mode in self.modes if self.modes is not None else mode != "streaming"
 
 
 # Shapes named in the speed goals of the other issues, as (B, T, I, H) and the modes they name.
@@ -79,6 +85,9 @@ GPU_GOALS = [((64, 128, 512, 512), ("training",)), ((256, 64, 1024, 1024), ("tra
 PERSISTENT_GOALS = [((1, 256, 256, 256), ("inference",)), ((1, 256, 512, 512), None),
                     ((1, 256, 1024, 1024), ("inference",)), ((4, 256, 512, 512), ("training",)),
                     ((8, 256, 512, 512), ("training",)), ((16, 1024, 768, 768), None)]
+
+# Single steps, B = 1, I = H, one call per step with the state carried.
+STREAMING = [(1, 1, h, h) for h in (32, 256, 1024)]
 
 # Sweeps move one axis at a time around a base point; in the hidden sweep the input size follows
 # the hidden size (I = H), as in every layer after the first of a stacked LSTM.
@@ -128,7 +137,7 @@ def build_grid(grid: str, device: torch.device, sets: Optional[Sequence[str]] = 
         entries.append(GridEntry(shape, [tag], modes))
 
     if sets is None:
-        sets = [] if custom else ["goals", *SWEEPS[grid]]
+        sets = [] if custom else ["goals", "streaming", *SWEEPS[grid]]
         if grid == "full" and device.type == "cuda" and not custom:
             sets.append("persistent")
     for shape in custom:
@@ -142,6 +151,9 @@ def build_grid(grid: str, device: torch.device, sets: Optional[Sequence[str]] = 
     if "persistent" in sets and device.type == "cuda" and grid != "smoke":
         for dims, modes in PERSISTENT_GOALS:
             add(Shape(*dims), "persistent", modes)
+    if "streaming" in sets:
+        for dims in ([(1, 1, 5, 5)] if grid == "smoke" else STREAMING):
+            add(Shape(*dims), "streaming", ("streaming",))
     for name, (axis, values, base) in SWEEPS[grid].items():
         if name in sets:
             for shape in sweep_shapes(axis, values, base):
@@ -189,7 +201,7 @@ def make_case(shape: Shape, mode: str, dtype: torch.dtype, device: torch.device,
     ref = ref.to(device=device, dtype=dtype)
     states = layers * (2 if bidirectional else 1)
     options = dict(device=device, dtype=dtype)
-    x = torch.randn(shape.T, shape.B, shape.I, **options)
+    x = torch.randn(1 if mode == "streaming" else shape.T, shape.B, shape.I, **options)
     h0 = 0.5 * torch.randn(states, shape.B, shape.H, **options)
     c0 = 0.5 * torch.randn(states, shape.B, shape.H, **options)
     grad_outputs = None
@@ -216,8 +228,18 @@ Factory = Callable[[Case], Built]
 
 
 def module_step(case: Case, forward: Callable, params) -> Callable:
-    """The timed call around forward(x, h0, c0) -> (y, h_n, c_n), as a training loop runs it."""
+    """The timed call around forward(x, h0, c0) -> (y, h_n, c_n), as a training loop runs it; in
+    streaming mode one step from the state the previous call left (the first from h0, c0)."""
     x, h0, c0 = case.x, case.h0, case.c0
+    if case.mode == "streaming":
+        state = [h0, c0]
+
+        def stream():
+            with torch.no_grad():
+                y, h, c = forward(x, state[0], state[1])
+            state[:] = [h, c]
+            return y, h, c
+        return stream
     if not case.training:
         def infer():
             with torch.no_grad():
@@ -454,12 +476,48 @@ def compiled_loop(case: Case, backend_options: Optional[dict] = None) -> Built:
     return Built(module_step(case, forward, ref.parameters()), lambda: ref.weight_hh_l0.grad)
 
 
+def onnxruntime_provider(case: Case) -> Built:
+    """nn.LSTM exported with torch.onnx.export (ONNX's LSTM operator) and run by onnxruntime's
+    CPUExecutionProvider with torch's thread count; inference and streaming only."""
+    if case.device.type != "cpu":
+        raise Skip("runs on the CPU only (CPUExecutionProvider)")
+    if case.training:
+        raise Skip("inference only (onnxruntime does not train)")
+    if case.dtype != torch.float32:
+        raise Skip(f"float32 only (onnxruntime's CPU LSTM has no {case.dtype})")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise Skip("onnxruntime is not installed (pip install onnx onnxruntime)")
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_FlatLSTM(case.ref), (case.x, case.h0, case.c0), buffer,
+                          input_names=["x", "h0", "c0"], output_names=["y", "h_n", "c_n"],
+                          dynamic_axes={"x": {0: "T", 1: "B"}, "h0": {1: "B"}, "c0": {1: "B"}},
+                          opset_version=17, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options,
+                                           providers=["CPUExecutionProvider"])
+
+    def forward(x, h0, c0):
+        feeds = {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()}
+        return tuple(torch.from_numpy(a) for a in session.run(None, feeds))
+    return Built(module_step(case, forward, ()))
+
+
 # The registry: name -> factory(case) -> Built, or raises Skip("reason").
 PROVIDERS: Dict[str, Factory] = {
     "nn.LSTM": nn_lstm,
     "lstm_fused": lstm_fused_provider(),
     "LSTMCell-loop": lstmcell_loop,
     "8-matmul": eight_matmul,
+    "onnxruntime": onnxruntime_provider,
     "nn.LSTM+graph": nn_lstm_cuda_graph,
     "compiled-loop": compiled_loop,
 }
@@ -733,7 +791,8 @@ def format_table(doc: dict) -> str:
              f"{'s' if doc['config']['layers'] != 1 else ''}, "
              f"{'bidirectional' if doc['config']['bidirectional'] else 'unidirectional'}",
              f"median ms per call (speed-up vs {BASELINE}: >1x is faster); inference = forward "
-             f"under no_grad, training = forward + backward"]
+             f"under no_grad, training = forward + backward, streaming = one step, the state "
+             f"carried"]
     # Providers skipped on every row for one reason get a line, not a column.
     dropped: Dict[str, str] = {}
     for name in providers:
@@ -870,21 +929,38 @@ def write_plots(doc: dict, out: Path) -> List[Path]:
     return written
 
 
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
+# The CPU features that decide which kernels run, as /proc/cpuinfo names them.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def cpu_model_and_features() -> Tuple[str, List[str]]:
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == (platform.processor() or
+                                                             platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
+    return cpu, [f for f in CPU_FEATURES if f in flags]
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu, features = cpu_model_and_features()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "cpu": cpu,
+        "cpu_features": features,
         "cpu_count": os.cpu_count(),
+        # The CPU kernels lstm_fused picks by default (its most capable instruction set).
+        "lstm_fused_isa": (lstm_fused.available_isas()[0]
+                           if lstm_fused is not None and hasattr(lstm_fused, "available_isas")
+                           else None),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -892,8 +968,10 @@ def machine_info(device: torch.device) -> dict:
         "lstm_fused": getattr(lstm_fused, "__version__", None),
         "cuda": None, "cudnn": None, "gpu": None,
     }
-    threads = info["threads"]
-    info["device_name"] = f"CPU {cpu} ({threads} thread{'s' if threads != 1 else ''})"
+    threads, cores = info["threads"], info["cpu_count"]
+    isa = f", lstm_fused kernels {info['lstm_fused_isa']}" if info["lstm_fused_isa"] else ""
+    info["device_name"] = (f"CPU {cpu} ({cores} cores, {' '.join(features) or 'no AVX2'}{isa}; "
+                           f"{threads} thread{'s' if threads != 1 else ''})")
     if device.type == "cuda":
         info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                     gpu=torch.cuda.get_device_name(device),
@@ -930,9 +1008,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None,
                         help="comma list of float32, bfloat16, float16 (default: float32 on CPU, "
                              "float32,bfloat16 on CUDA)")
-    parser.add_argument("--mode", default="inference,training",
+    parser.add_argument("--mode", default="inference,training,streaming",
                         help="comma list of inference (no_grad forward), training "
-                             "(forward+backward)")
+                             "(forward+backward), streaming (one step per call, the state "
+                             "carried; the streaming set's rows only)")
     parser.add_argument("--providers", default="*",
                         help="comma list of provider names or globs (see --list-providers)")
     parser.add_argument("--list-providers", action="store_true",
@@ -946,8 +1025,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="run this shape (repeatable); replaces the grid's shapes unless "
                              "--sets is given too")
     parser.add_argument("--sets", default=None,
-                        help="comma list of goals, persistent (GPU), batch, hidden, seq: which "
-                             "parts of the grid to run (default: all of the chosen grid)")
+                        help="comma list of goals, streaming, persistent (GPU), batch, hidden, "
+                             "seq: which parts of the grid to run (default: all of the chosen "
+                             "grid)")
     parser.add_argument("--layers", type=int, default=1, help="num_layers of the LSTM")
     parser.add_argument("--bidirectional", action="store_true", help="bidirectional LSTM")
     parser.add_argument("--repeats", type=int, default=None,
@@ -985,8 +1065,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.modes = _csv_list(args.mode)
     args.sets = None if args.sets is None else _csv_list(args.sets)
     for value, allowed, what in ((args.dtypes, DTYPES, "--dtype"), (args.modes, MODES, "--mode"),
-                                 (args.sets or [], ["goals", "persistent", "batch", "hidden",
-                                                    "seq"], "--sets")):
+                                 (args.sets or [], ["goals", "streaming", "persistent", "batch",
+                                                    "hidden", "seq"], "--sets")):
         unknown = [v for v in value if v not in allowed]
         if unknown:
             parser.error(f"{what}: unknown {unknown}; choose from {list(allowed)}")
@@ -1022,8 +1102,8 @@ def main(argv: Optional[Sequence[str]] = None,
     chosen = select_providers(args.providers, registry, args.parser)
 
     grid = build_grid(args.grid, args.device, args.sets, args.shape)
-    rows = [(entry, mode, dtype) for entry in grid for mode in args.modes
-            if entry.modes is None or mode in entry.modes for dtype in args.dtypes]
+    rows = [(entry, mode, dtype) for entry in grid for mode in args.modes if entry.runs(mode)
+            for dtype in args.dtypes]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     progress = Progress(len(rows), sys.stderr.isatty() if args.progress is None else args.progress)
     began = time.perf_counter()

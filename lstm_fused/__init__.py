@@ -6,8 +6,9 @@
 from . import ops  # noqa: F401  (registers fake kernels and autograd for torch.ops.lstm_fused)
 from .functional import lstm
 from .modules import LSTM, replace_lstm
-from .paths import available_paths, force_path
+from .paths import available_isas, available_paths, force_isa, force_path
 from .reference import lstm_reference
 
-__all__ = ["LSTM", "available_paths", "force_path", "lstm", "lstm_reference", "replace_lstm"]
+__all__ = ["LSTM", "available_isas", "available_paths", "force_isa", "force_path", "lstm",
+           "lstm_reference", "replace_lstm"]
 __version__ = "0.1.0"

@@ -1,16 +1,30 @@
-"""Which kernel path computes the recurrence, for tests and benchmarks that compare them."""
+"""Which kernel path and CPU instruction set compute the recurrence, for tests and benchmarks
+that compare them.
+
+The environment variables LSTM_FUSED_PATH and LSTM_FUSED_ISA force them for a whole process
+(the CPU code reads them once, on its first call); force_path and force_isa force them within a
+block.
+"""
 import contextlib
 import os
-from typing import Iterator, List, Union
+from typing import Iterator, List, Optional, Union
 
 import torch
 
-_VARIABLE = "LSTM_FUSED_PATH"
+from . import _extension
+
+_extension.load()
+
+_PATH_VARIABLE = "LSTM_FUSED_PATH"
+_ISA_VARIABLE = "LSTM_FUSED_ISA"
 _PATHS = {
-    # fused: our register-blocked step, each thread owns blocks of hidden units (default up to
-    #        batch 128)
+    # fused: our register-blocked step, each thread owns blocks of hidden units (the default up
+    #        to batch 128; float16/bfloat16 products in hardware with AVX512-BF16)
+    # brgemm: oneDNN's brgemm micro-kernel per block of 16 units, then our fused update (the
+    #         default for bfloat16 from batch 4 where oneDNN packs it for AMX; float32 too when
+    #         forced; float64 and backward passes run fused)
     # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 128)
-    "cpu": ["fused", "gemm"],
+    "cpu": list(torch.ops.lstm_fused._cpu_paths()),
     # One fused kernel launch per step, with a block tile of batch rows x hidden units; the path
     # names the tile's height, the launcher picks its width and any split of K over blocks so
     # that every multiprocessor gets a block:
@@ -24,6 +38,11 @@ _PATHS = {
     #             than the step kernels' plan; forced where it cannot run, an error says why)
     "cuda": ["step_small", "step_medium", "step_large", "persistent"],
 }
+# The CPU instruction sets the kernels are built for, the most capable first.
+_ISAS = ["avx512_bf16", "avx512", "avx2", "baseline"]
+
+# What is forced now ("" = the default choice), as the CPU code was last told.
+_forced = {"path": os.environ.get(_PATH_VARIABLE, ""), "isa": os.environ.get(_ISA_VARIABLE, "")}
 
 
 def available_paths(device: Union[str, torch.device]) -> List[str]:
@@ -31,21 +50,58 @@ def available_paths(device: Union[str, torch.device]) -> List[str]:
     return list(_PATHS.get(torch.device(device).type, []))
 
 
+def available_isas() -> List[str]:
+    """The CPU instruction sets whose kernels this machine can run, the most capable first (the
+    default); force_isa accepts each."""
+    return list(torch.ops.lstm_fused._cpu_isas())
+
+
+def _tell_cpu() -> None:
+    path = _forced["path"]
+    torch.ops.lstm_fused._cpu_dispatch("" if path == "auto" else path, _forced["isa"])
+
+
+@contextlib.contextmanager
+def _forcing(key: str, value: str, variable: Optional[str]) -> Iterator[None]:
+    previous_value = _forced[key]
+    previous_variable = os.environ.get(variable) if variable else None
+    _forced[key] = value
+    if variable:  # the CUDA code reads it on every call
+        os.environ[variable] = value
+    try:
+        _tell_cpu()
+        yield
+    finally:
+        _forced[key] = previous_value
+        if variable:
+            if previous_variable is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = previous_variable
+        _tell_cpu()
+
+
 @contextlib.contextmanager
 def force_path(name: str) -> Iterator[None]:
     """Within the block, every lstm_fused op uses the path `name` (or "auto": the default choice).
 
-    Sets the environment variable LSTM_FUSED_PATH, which the C++ dispatch reads on every call.
-    """
+    Also sets the environment variable LSTM_FUSED_PATH within the block."""
     known = {"auto"}.union(*_PATHS.values())
     if name not in known:
         raise ValueError(f"lstm_fused.force_path: unknown path {name!r}; known: {sorted(known)}")
-    previous = os.environ.get(_VARIABLE)
-    os.environ[_VARIABLE] = name
-    try:
+    with _forcing("path", name, _PATH_VARIABLE):
         yield
-    finally:
-        if previous is None:
-            del os.environ[_VARIABLE]
-        else:
-            os.environ[_VARIABLE] = previous
+
+
+@contextlib.contextmanager
+def force_isa(name: str) -> Iterator[None]:
+    """Within the block, the CPU kernels are those built for the instruction set `name` (one of
+    available_isas(), or "auto": the most capable this CPU supports)."""
+    if name != "auto" and name not in _ISAS:
+        raise ValueError(f"lstm_fused.force_isa: unknown instruction set {name!r}; known: "
+                         f"{['auto', *_ISAS]}")
+    if name != "auto" and name not in available_isas():
+        raise RuntimeError(f"lstm_fused.force_isa: this CPU does not support {name!r}; it "
+                           f"supports {available_isas()}")
+    with _forcing("isa", "" if name == "auto" else name, None):
+        yield

@@ -70,12 +70,13 @@ def test_rows_and_providers(bench, smoke):
     doc, _, _ = smoke
     expected_rows = {(shape.B, shape.T, shape.I, shape.H, mode)
                      for entry in bench.build_grid("smoke", CPU)
-                     for shape in [entry.shape] for mode in bench.MODES}
-    assert len(expected_rows) == 8
+                     for shape in [entry.shape] for mode in bench.MODES if entry.runs(mode)}
+    assert len(expected_rows) == 9
+    assert (1, 1, 5, 5, "streaming") in expected_rows
     assert {(r["B"], r["T"], r["I"], r["H"], r["mode"]) for r in doc["results"]} == expected_rows
     assert len(doc["results"]) == len(expected_rows)
     assert all(r["dtype"] == "float32" for r in doc["results"])
-    assert doc["providers"] == [*GOOD, *GPU_ONLY, "perturbed", "broken"]
+    assert doc["providers"] == [*GOOD, "onnxruntime", *GPU_ONLY, "perturbed", "broken"]
     for row in doc["results"]:
         assert list(row["providers"]) == doc["providers"]
         for name in GOOD:
@@ -86,7 +87,48 @@ def test_rows_and_providers(bench, smoke):
             assert result["max_err"] <= 1e-3
             assert result["peak_mem_mib"] is None  # n/a on CPU
     sets = {s for r in doc["results"] for s in r["sets"]}
-    assert sets == {"smoke", "batch", "hidden"}
+    assert sets == {"smoke", "batch", "hidden", "streaming"}
+
+
+def test_onnxruntime_runs_inference_or_says_why(smoke):
+    doc, _, _ = smoke
+    installed = importlib.util.find_spec("onnxruntime") is not None
+    for row in doc["results"]:
+        result = row["providers"]["onnxruntime"]
+        if row["mode"] == "training":
+            assert result["status"] == "skip" and "inference only" in result["reason"]
+        elif installed:
+            assert result["status"] == "ok", result
+            assert result["max_err"] <= 1e-4
+        else:
+            assert result["status"] == "skip" and "not installed" in result["reason"]
+
+
+def test_streaming_carries_the_state(bench):
+    """Successive streaming calls continue the sequence: after n calls the state is nn.LSTM's
+    after n steps."""
+    case = bench.make_case(bench.Shape(1, 1, 4, 6), "streaming", torch.float32, CPU)
+    providers = bench.default_providers(CPU)
+    names = ["lstm_fused", "LSTMCell-loop"]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        names.append("onnxruntime")
+    expected = bench.nn_lstm(case).step
+    for _ in range(3):
+        expected_y, expected_h, expected_c = expected()
+    for name in names:
+        step = providers[name](case).step
+        for _ in range(3):
+            y, h, c = step()
+        for actual, wanted in zip((y, h, c), (expected_y, expected_h, expected_c)):
+            torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_header_names_the_cpu_features(smoke):
+    doc, printed, _ = smoke
+    machine = doc["machine"]
+    assert "cpu_features" in machine and machine["cpu_count"] >= 1
+    assert machine["lstm_fused_isa"] == lstm_fused.available_isas()[0]
+    assert f"{machine['cpu_count']} cores" in printed.splitlines()[0]
 
 
 def test_correctness_gate_flags_a_wrong_provider(smoke):

@@ -1,386 +1,474 @@
-// CPU implementation of the lstm_fused ops.
+// CPU implementation of the lstm_fused ops: checks, buffers, the one path choice, the cache of
+// packed weights and the sequence of steps, around the torch-free kernels of kernels.h.
 //
-// Forward: one GEMM for the input projection of every step, then per step the recurrent part of
-// all four gates and the nonlinearities, biases and cell update, fused: each thread owns blocks of
-// hidden units and computes them from a packed W_hh in registers (above batch 128, a GEMM per
-// step and a fused elementwise pass). Backward: one pass back in time (fused gate gradients, then
-// dh_{t-1} from W_hh packed by column blocks), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs
-// over all steps.
+// Forward: the input projection of every step as one product (a BLAS GEMM, or our kernels or
+// oneDNN's brgemm for half types, which keep float32 sums), then per step the recurrent part of
+// all four gates and the biases, nonlinearities and cell update, fused: each thread owns blocks
+// of hidden units, step after step, and computes them from W_hh packed once (cached while the
+// weight is unchanged). A single step (T = 1, streaming) does the input part in the same pass.
+// Backward: one pass back in time (fused gate gradients, then dh_{t-1} from W_hh packed by
+// column blocks), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps.
 // No atomics and a fixed reduction order: identical inputs give identical results.
 #include "../lstm.h"
+#include "../step_order.h"
+#include "kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/core/StorageImpl.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+// oneDNN's brgemm micro-kernels through ATen (PyTorch >= 2.5 defines these macros).
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32) && \
+    defined(CPUBLAS_BRGEMM_F16F16F32)
+#define LSTM_FUSED_HAVE_BRGEMM 1
+#else
+#define LSTM_FUSED_HAVE_BRGEMM 0
+#endif
+
 namespace lstm_fused {
 namespace {
 
-// The kernels are compiled twice on x86-64 Linux, for AVX2+FMA (x86-64-v3) and for the baseline,
-// and the loader picks one by the CPU's features. Results are deterministic on a given machine;
-// FMA rounds differently, so machines with and without it may differ in the last bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    __GNUC__ >= 12
-#define LSTM_FUSED_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LSTM_FUSED_SIMD_CLONES
-#endif
-// Inlined into each clone, so that the loops are vectorised for that clone's instruction set.
-#if defined(__GNUC__)
-#define LSTM_FUSED_INLINE inline __attribute__((always_inline))
-#else
-#define LSTM_FUSED_INLINE inline
-#endif
+using cpu::Isa;
 
-// exp written with plain arithmetic (Cephes expf, within 2 ulp) so that loops over it vectorise.
-LSTM_FUSED_INLINE float exp_f32(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+// ---- Which path and instruction set --------------------------------------------------------
 
-LSTM_FUSED_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+// How each step's recurrent product is computed:
+//   fused:  our register-blocked kernels, each thread owning blocks of hidden units;
+//   brgemm: oneDNN's brgemm micro-kernel (AMX for bfloat16 where the CPU has it) per block of
+//           16 units, then our fused update on the same block;
+//   gemm:   one BLAS GEMM per step, then the fused elementwise pass.
+enum class Path : int { kAuto = 0, kFused, kBrgemm, kGemm };
+constexpr const char* kPathNames[] = {"auto", "fused", "brgemm", "gemm"};
 
-// Cephes tanhf: an odd polynomial near zero, (1 - e^{-2|x|}) / (1 + e^{-2|x|}) elsewhere.
-LSTM_FUSED_INLINE float tanh_(float x) {
-  const float ax = std::fabs(x);
-  const float z = x * x;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float near_zero = x + x * z * p;
-  const float e = exp_f32(-2.0f * ax);
-  const float magnitude = (1.0f - e) / (1.0f + e);
-  const float far = x < 0.0f ? -magnitude : magnitude;
-  return ax < 0.625f ? near_zero : far;
-}
-
-LSTM_FUSED_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-LSTM_FUSED_INLINE double tanh_(double x) { return std::tanh(x); }
-
-// Hidden units [j0, j1) of one row of the forward update. gates: [4H] pre-activations without
-// bias in, activations out; bias: [4H] (b_ih + b_hh, or zeros); c_prev, c_next, hidden: [H].
-template <typename T>
-LSTM_FUSED_INLINE void forward_row_impl(int64_t H, int64_t j0, int64_t j1, T* __restrict gates,
-                                        const T* __restrict bias, const T* __restrict c_prev,
-                                        T* __restrict c_next, T* __restrict hidden) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const T i = sigmoid(gates[j] + bias[j]);
-    const T f = sigmoid(gates[H + j] + bias[H + j]);
-    const T g = tanh_(gates[2 * H + j] + bias[2 * H + j]);
-    const T o = sigmoid(gates[3 * H + j] + bias[3 * H + j]);
-    const T c = f * c_prev[j] + i * g;
-    gates[j] = i;
-    gates[H + j] = f;
-    gates[2 * H + j] = g;
-    gates[3 * H + j] = o;
-    c_next[j] = c;
-    hidden[j] = o * tanh_(c);
-  }
-}
-
-// Hidden units [j0, j1) of one row of the backward update. dL/d(o*tanh c) is grad_hidden, plus
-// grad_hidden_extra when kTwoGradients; writes the pre-activation gate gradients [4H],
-// dL/dc_{t-1} and, when kWriteHidden, o * tanh(c). The choices are template arguments so that the
-// loop has no branches.
-template <typename T, bool kTwoGradients, bool kWriteHidden>
-LSTM_FUSED_INLINE void backward_row_impl(int64_t H, int64_t j0, int64_t j1,
-                                         const T* __restrict gates, const T* __restrict cell,
-                                         const T* __restrict c_prev,
-                                         const T* __restrict grad_hidden,
-                                         const T* __restrict grad_hidden_extra,
-                                         const T* __restrict grad_c_next,
-                                         T* __restrict grad_gates, T* __restrict grad_c_prev,
-                                         T* __restrict hidden) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-    const T tc = tanh_(cell[j]);
-    const T dh = kTwoGradients ? grad_hidden[j] + grad_hidden_extra[j] : grad_hidden[j];
-    const T dc = grad_c_next[j] + dh * o * (T(1) - tc * tc);
-    grad_gates[j] = dc * g * i * (T(1) - i);
-    grad_gates[H + j] = dc * c_prev[j] * f * (T(1) - f);
-    grad_gates[2 * H + j] = dc * i * (T(1) - g * g);
-    grad_gates[3 * H + j] = dh * tc * o * (T(1) - o);
-    grad_c_prev[j] = dc * f;
-    if (kWriteHidden) hidden[j] = o * tc;
-  }
-}
-
-template <typename T>
-LSTM_FUSED_INLINE void backward_row_dispatch(int64_t H, int64_t j0, int64_t j1, const T* gates,
-                                             const T* cell, const T* c_prev,
-                                             const T* grad_hidden, const T* grad_hidden_extra,
-                                             const T* grad_c_next, T* grad_gates,
-                                             T* grad_c_prev, T* hidden) {
-  if (grad_hidden_extra && hidden) {
-    backward_row_impl<T, true, true>(H, j0, j1, gates, cell, c_prev, grad_hidden,
-                                     grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
-                                     hidden);
-  } else if (grad_hidden_extra) {
-    backward_row_impl<T, true, false>(H, j0, j1, gates, cell, c_prev, grad_hidden,
-                                      grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
-                                      hidden);
-  } else if (hidden) {
-    backward_row_impl<T, false, true>(H, j0, j1, gates, cell, c_prev, grad_hidden,
-                                      grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
-                                      hidden);
-  } else {
-    backward_row_impl<T, false, false>(H, j0, j1, gates, cell, c_prev, grad_hidden,
-                                       grad_hidden_extra, grad_c_next, grad_gates, grad_c_prev,
-                                       hidden);
-  }
-}
-
-// 32-byte vectors (GCC/Clang vector extensions): one AVX2 register in the x86-64-v3 clone, two
-// SSE registers in the baseline. Only pointers cross function boundaries, never vectors.
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 8;
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 4;
+// What lstm_fused.force_path / force_isa or the environment (LSTM_FUSED_PATH, LSTM_FUSED_ISA,
+// read once, on the first call) force. A path name the CPU does not know (a CUDA path) is kept
+// to be reported by the call that would use it.
+struct Forced {
+  Path path = Path::kAuto;
+  int isa = -1;  // -1: the best this CPU supports
+  std::string unknown_path;
 };
 
-template <typename V, typename T>
-LSTM_FUSED_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-LSTM_FUSED_INLINE void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// Adds the first `count` lanes of v to p[0..count).
-template <typename V, typename T>
-LSTM_FUSED_INLINE void add_lanes(T* p, const V& v, int64_t count) {
-  T lanes[sizeof(V) / sizeof(T)];
-  std::memcpy(lanes, &v, sizeof(V));
-  for (int64_t l = 0; l < count; ++l) p[l] += lanes[l];
-}
-
-// acc[r][v] = sum_k a[r * a_stride + k] * block[k, v, :] for k < K: R rows of a times a packed
-// block [K, 4, L], in registers (12 accumulators for R = 3). Both recurrent products use it.
-template <typename T, int R>
-LSTM_FUSED_INLINE void multiply_block(int64_t K, const T* __restrict a, int64_t a_stride,
-                                      const T* __restrict block,
-                                      typename Simd<T>::V (&acc)[R][4]) {
-  using V = typename Simd<T>::V;
-  constexpr int64_t L = Simd<T>::kLanes;
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) acc[r][v] = V{};
+std::string supported_isa_list() {
+  std::string names;
+  for (int i = cpu::kIsaCount - 1; i >= 0; --i) {
+    if (!cpu::isa_supported(static_cast<Isa>(i))) continue;
+    names += (names.empty() ? "" : ", ") + std::string(cpu::isa_name(static_cast<Isa>(i)));
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const T* w = block + k * 4 * L;
-    const V w0 = load<V>(w), w1 = load<V>(w + L), w2 = load<V>(w + 2 * L), w3 = load<V>(w + 3 * L);
-    for (int r = 0; r < R; ++r) {
-      const T a_rk = a[r * a_stride + k];
-      acc[r][0] += a_rk * w0;
-      acc[r][1] += a_rk * w1;
-      acc[r][2] += a_rk * w2;
-      acc[r][3] += a_rk * w3;
+  return names;
+}
+
+void parse_path(const std::string& name, Forced& forced) {
+  forced.path = Path::kAuto;
+  forced.unknown_path.clear();
+  if (name.empty()) return;
+  for (int p = 0; p < 4; ++p) {
+    if (name == kPathNames[p]) {
+      forced.path = static_cast<Path>(p);
+      return;
     }
   }
+  forced.unknown_path = name;
 }
 
-// The recurrent part of the four gates of one block of L units for R rows:
-//   gates[r, q*H + unit0 + l] += sum_k h[r, k] * block[k, q, l]
-// h: R rows of stride P; block: [P, 4, L], one block of W_hh packed by pack_for_gates; gates: R
-// rows of stride 4H; `units` (<= L) of the block's lanes are real units.
-template <typename T, int R>
-LSTM_FUSED_INLINE void recurrent_block(int64_t H, int64_t P, int64_t unit0, int64_t units,
-                                       const T* __restrict h, const T* __restrict block,
-                                       T* __restrict gates) {
-  using V = typename Simd<T>::V;
-  constexpr int64_t L = Simd<T>::kLanes;
-  V acc[R][4];
-  multiply_block<T, R>(P, h, P, block, acc);
-  for (int r = 0; r < R; ++r) {
-    for (int q = 0; q < 4; ++q) {
-      T* g = gates + r * 4 * H + q * H + unit0;
-      if (units == L) {
-        store(g, load<V>(g) + acc[r][q]);
-      } else {
-        add_lanes(g, acc[r][q], units);
-      }
+int parse_isa(const std::string& name, const char* origin) {
+  if (name.empty() || name == "auto") return -1;
+  for (int i = 0; i < cpu::kIsaCount; ++i) {
+    if (name != cpu::isa_name(static_cast<Isa>(i))) continue;
+    TORCH_CHECK(cpu::isa_supported(static_cast<Isa>(i)), "lstm_fused: ", origin, " asks for ",
+                "the instruction set '", name, "', which this CPU or build does not support; ",
+                "supported: ", supported_isa_list());
+    return i;
+  }
+  TORCH_CHECK(false, "lstm_fused: ", origin, " must be auto, avx512_bf16, avx512, avx2 or ",
+              "baseline, got '", name, "'");
+}
+
+struct Dispatch {
+  std::mutex mutex;
+  Forced forced;
+  std::string environment_error;  // a bad LSTM_FUSED_ISA, reported by every call
+};
+
+Dispatch& dispatch() {
+  static Dispatch* state = [] {
+    auto* d = new Dispatch();
+    const char* path = std::getenv("LSTM_FUSED_PATH");
+    parse_path(path ? path : "", d->forced);
+    const char* isa = std::getenv("LSTM_FUSED_ISA");
+    try {
+      d->forced.isa = parse_isa(isa ? isa : "", "LSTM_FUSED_ISA");
+    } catch (const c10::Error& error) {
+      d->environment_error = error.what_without_backtrace();
     }
+    return d;
+  }();
+  return *state;
+}
+
+Forced forced_now() {
+  Dispatch& d = dispatch();
+  std::lock_guard<std::mutex> lock(d.mutex);
+  TORCH_CHECK(d.environment_error.empty(), d.environment_error);
+  TORCH_CHECK(d.forced.unknown_path.empty(), "lstm_fused: the forced path (LSTM_FUSED_PATH or ",
+              "lstm_fused.force_path) must be auto, fused, brgemm or gemm on the CPU, got '",
+              d.forced.unknown_path, "'");
+  return d.forced;
+}
+
+// Sets the forced path and instruction set; lstm_fused.force_path and force_isa call it.
+void set_cpu_dispatch(std::string path, std::string isa) {
+  Dispatch& d = dispatch();
+  Forced forced;
+  parse_path(path, forced);
+  forced.isa = parse_isa(isa, "lstm_fused.force_isa");
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.forced = forced;
+  d.environment_error.clear();
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (int i = cpu::kIsaCount - 1; i >= 0; --i) {
+    if (cpu::isa_supported(static_cast<Isa>(i))) names.emplace_back(cpu::isa_name(static_cast<Isa>(i)));
+  }
+  return names;
+}
+
+std::vector<std::string> cpu_paths() {
+  if (LSTM_FUSED_HAVE_BRGEMM) return {"fused", "brgemm", "gemm"};
+  return {"fused", "gemm"};
+}
+
+bool brgemm_packs(at::ScalarType dtype) {
+#if LSTM_FUSED_HAVE_BRGEMM
+  return at::native::cpublas::could_pack(dtype);
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+// How the operands of the products are held:
+//   same:    in x's dtype (float32, float64, or the half type for brgemm);
+//   convert: half types as float32 copies (exact), multiplied by float32 kernels;
+//   bf16_dot: bfloat16, multiplied by AVX512-BF16's dot product with float32 sums.
+enum class Operands { kSame, kConvert, kBf16Dot };
+
+struct Plan {
+  Path path;
+  Isa isa;
+  Operands operands;
+  bool fuse_input;  // the input part x_t W_ih^T inside the step kernel (a single step)
+};
+
+bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
+// Above this batch a BLAS GEMM per step is as fast as the fused step (measured on 2-core AVX2
+// and AVX-512 machines).
+constexpr int64_t kFusedMaxBatch = 128;
+
+// The one place that picks the CPU path and instruction set for a call.
+Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward) {
+  const Forced forced = forced_now();
+  const Isa isa = forced.isa >= 0 ? static_cast<Isa>(forced.isa) : cpu::best_isa();
+  Path path = forced.path;
+  if (path == Path::kAuto) {
+    if (s.batch > kFusedMaxBatch) {
+      path = Path::kGemm;
+    } else if (dtype == at::kBFloat16 && brgemm_packs(dtype) && s.batch >= 4) {
+      path = Path::kBrgemm;  // AMX
+    } else {
+      path = Path::kFused;
+    }
+  }
+  // brgemm has no float64, and the backward pass has no brgemm product.
+  if (path == Path::kBrgemm && (!LSTM_FUSED_HAVE_BRGEMM || dtype == at::kDouble || backward)) {
+    path = Path::kFused;
+  }
+  Operands operands = Operands::kSame;
+  if (is_half(dtype) && path != Path::kBrgemm) {
+    const bool dot = dtype == at::kBFloat16 && path == Path::kFused && !backward &&
+                     isa == Isa::kAvx512Bf16 && cpu::kernels_for(isa)->bf16_dot != nullptr;
+    operands = dot ? Operands::kBf16Dot : Operands::kConvert;
+  }
+  const bool fuse_input = !backward && path == Path::kFused && s.seq_len == 1;
+  return {path, isa, operands, fuse_input};
+}
+
+// ---- Cache of packed weights ----------------------------------------------------------------
+
+// Packed forms of a weight.
+enum class Layout : int { kGates, kBf16Gates, kColumns, kFloatCopy, kBrgemmTiles };
+
+// Inference calls keep packed copies of their weights, used while the weight is unchanged: its
+// version counter (bumped by in-place updates: optimizer steps, load_state_dict, copy_ under
+// no_grad) and a sample of its values (which catches updates through .data, such as
+// p.data -= lr * p.grad, that bypass the counter) are as they were. .to() and .data = ... give
+// a new storage, hence a new entry. An entry lives as long as the weight's storage: lookups drop
+// the entries of freed weights first. Training calls pack afresh, as their weights change.
+constexpr int kSamples = 16;
+
+struct CacheEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  Layout layout;
+  int64_t variant;
+  int64_t version;
+  std::array<uint64_t, kSamples> sample;
+  at::Tensor packed;
+};
+
+struct WeightCache {
+  std::mutex mutex;
+  std::vector<CacheEntry> entries;
+};
+
+WeightCache& weight_cache() {
+  static WeightCache* cache = new WeightCache();  // never destroyed: used until exit
+  return *cache;
+}
+
+constexpr size_t kMaxCacheEntries = 256;
+
+void drop_dead_entries(std::vector<CacheEntry>& entries) {
+  entries.erase(std::remove_if(entries.begin(), entries.end(),
+                               [](const CacheEntry& e) { return e.storage.expired(); }),
+                entries.end());
+}
+
+bool same_weight(const CacheEntry& e, const at::Tensor& w, const c10::StorageImpl* storage,
+                 Layout layout, int64_t variant) {
+  return e.layout == layout && e.variant == variant && e.data == w.data_ptr() &&
+         e.dtype == w.scalar_type() && e.storage._unsafe_get_target() == storage &&
+         w.sizes().equals(e.sizes) && w.strides().equals(e.strides);
+}
+
+// The bits of kSamples elements spread over the 2-D weight w.
+std::array<uint64_t, kSamples> sample_of(const at::Tensor& w) {
+  std::array<uint64_t, kSamples> sample{};
+  const int64_t numel = w.numel(), cols = w.size(1);
+  const size_t element = w.element_size();
+  const char* base = static_cast<const char*>(w.data_ptr());
+  for (int i = 0; numel > 0 && i < kSamples; ++i) {
+    const int64_t index = (numel - 1) * i / (kSamples - 1);
+    const int64_t offset = (index / cols) * w.stride(0) + (index % cols) * w.stride(1);
+    std::memcpy(&sample[i], base + offset * static_cast<int64_t>(element), element);
+  }
+  return sample;
+}
+
+template <typename Pack>
+at::Tensor packed_weight(const at::Tensor& w, bool cache_it, Layout layout, int64_t variant,
+                         const Pack& pack) {
+  // Inference tensors have no version counter to trust.
+  if (!cache_it || w.is_inference() || !w.has_storage() || w.dim() != 2) return pack();
+  const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
+  const int64_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  const auto sample = sample_of(w);
+  WeightCache& cache = weight_cache();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    drop_dead_entries(cache.entries);
+    for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
+      if (!same_weight(*it, w, storage, layout, variant)) continue;
+      if (it->version == version && it->sample == sample) return it->packed;
+      cache.entries.erase(it);  // stale
+      break;
+    }
+  }
+  at::Tensor packed = pack();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  if (cache.entries.size() >= kMaxCacheEntries) cache.entries.erase(cache.entries.begin());
+  cache.entries.push_back({w.storage().getWeakStorageImpl(), w.data_ptr(), w.sizes().vec(),
+                           w.strides().vec(), w.scalar_type(), layout, variant, version, sample,
+                           packed});
+  return packed;
+}
+
+// [entries, bytes] of the cache, after dropping the entries of freed weights; clears it first
+// when asked.
+std::vector<int64_t> weight_cache_info(bool clear) {
+  WeightCache& cache = weight_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  if (clear) cache.entries.clear();
+  drop_dead_entries(cache.entries);
+  int64_t bytes = 0;
+  for (const auto& e : cache.entries) bytes += e.packed.nbytes();
+  return {static_cast<int64_t>(cache.entries.size()), bytes};
+}
+
+cpu::DType kernel_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return cpu::DType::kFloat;
+    case at::kDouble: return cpu::DType::kDouble;
+    case at::kBFloat16: return cpu::DType::kBFloat16;
+    case at::kHalf: return cpu::DType::kHalf;
+    default: TORCH_CHECK(false, "lstm_fused: unsupported dtype ", dtype);
   }
 }
 
-// Unit blocks [u0, u1) (L units each) of every row b < B: gates[b] += h[b] W_hh^T, four gates.
-// h: [B, P]; packed: [ceil(H/L), P, 4, L] from pack_for_gates; gates: [B, 4H].
-template <typename T>
-LSTM_FUSED_INLINE void recurrent_gates_impl(int64_t B, int64_t H, int64_t P, int64_t u0,
-                                            int64_t u1, const T* h, const T* packed, T* gates) {
-  constexpr int64_t L = Simd<T>::kLanes;
-  constexpr int kRows = 3;  // 12 accumulators: as many rows as the 16 vector registers allow
+cpu::Matrix matrix_of(const at::Tensor& w) {
+  return {w.data_ptr(), kernel_dtype(w.scalar_type()), w.size(0), w.size(1), w.stride(0)};
+}
+
+// w with unit stride along its rows, as the packing reads it.
+at::Tensor row_major(const at::Tensor& w) { return w.stride(1) == 1 ? w : w.contiguous(); }
+
+template <typename Acc>
+const cpu::KernelSet<Acc>& kernel_set(const cpu::Kernels& k);
+template <>
+const cpu::KernelSet<float>& kernel_set<float>(const cpu::Kernels& k) { return k.f32; }
+template <>
+const cpu::KernelSet<double>& kernel_set<double>(const cpu::Kernels& k) { return k.f64; }
+
+template <typename Acc>
+at::ScalarType acc_scalar_type() {
+  return std::is_same<Acc, double>::value ? at::kDouble : at::kFloat;
+}
+
+// W [4H, K] in the gate layout of kernels ks: [ceil(H/L)][K][4][L] of Acc.
+template <typename Acc>
+at::Tensor packed_gates(const at::Tensor& w, bool cache, const cpu::KernelSet<Acc>& ks) {
+  return packed_weight(w, cache, Layout::kGates, ks.lanes * 8 + sizeof(Acc), [&] {
+    const at::Tensor src = row_major(w);
+    at::Tensor out = at::empty({cpu::packed_gates_size(w.size(0) / 4, w.size(1), ks.lanes)},
+                               w.options().dtype(acc_scalar_type<Acc>()));
+    ks.pack_gates(matrix_of(src), out.data_ptr<Acc>());
+    return out;
+  });
+}
+
+// W [4H, K] bfloat16 in the pair layout of AVX512-BF16's dot product.
+at::Tensor packed_bf16_gates(const at::Tensor& w, bool cache, const cpu::Bfloat16Dot& dot) {
+  return packed_weight(w, cache, Layout::kBf16Gates, dot.lanes, [&] {
+    const at::Tensor src = row_major(w);
+    at::Tensor out =
+        at::empty({cpu::packed_bf16_gates_size(w.size(0) / 4, w.size(1), dot.lanes)}, w.options());
+    dot.pack_gates(matrix_of(src), reinterpret_cast<uint16_t*>(out.data_ptr()));
+    return out;
+  });
+}
+
+// W [4H, P] in column blocks of 4L for the hidden-state gradient.
+template <typename Acc>
+at::Tensor packed_columns(const at::Tensor& w, bool cache, const cpu::KernelSet<Acc>& ks) {
+  return packed_weight(w, cache, Layout::kColumns, ks.lanes * 8 + sizeof(Acc), [&] {
+    const at::Tensor src = row_major(w);
+    at::Tensor out = at::empty({cpu::packed_columns_size(w.size(0), w.size(1), ks.lanes)},
+                               w.options().dtype(acc_scalar_type<Acc>()));
+    ks.pack_columns(matrix_of(src), out.data_ptr<Acc>());
+    return out;
+  });
+}
+
+// A float32 copy of a half-type weight (its values are exact in float32).
+at::Tensor float_copy(const at::Tensor& w, bool cache) {
+  return packed_weight(w, cache, Layout::kFloatCopy, 0, [&] { return w.to(at::kFloat).contiguous(); });
+}
+
+// ---- brgemm ---------------------------------------------------------------------------------
+
+constexpr int64_t kBrgemmUnits = 16;               // hidden units per block
+constexpr int64_t kBrgemmCols = 4 * kBrgemmUnits;  // N of one product: 4 gates x 16 units
+constexpr int64_t kBrgemmRows = 64;                // M per product, at most
+
+int64_t padded_inner(int64_t k, bool vnni) { return vnni ? (k + 1) / 2 * 2 : k; }
+
+// W [4H, K] as one B matrix [Kp, 64] per block of 16 units, its columns gate-major (q * 16 +
+// l), zeros past H and K, packed for oneDNN where it wants that (VNNI pairs for half types).
+at::Tensor brgemm_tiles(const at::Tensor& w, bool cache, bool vnni) {
+  return packed_weight(w, cache, Layout::kBrgemmTiles, vnni, [&] {
+    const int64_t H = w.size(0) / 4, K = w.size(1), Kp = padded_inner(K, vnni);
+    const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
+    at::Tensor padded = at::zeros({4, blocks * kBrgemmUnits, Kp}, w.options());
+    padded.narrow(1, 0, H).narrow(2, 0, K).copy_(w.reshape({4, H, K}));
+    // [block][k][gate][unit]
+    at::Tensor tiles = padded.view({4, blocks, kBrgemmUnits, Kp}).permute({1, 3, 0, 2}).contiguous();
+    if (!vnni) return tiles;
+#if LSTM_FUSED_HAVE_BRGEMM
+    at::Tensor out = at::empty_like(tiles);
+    const int64_t tile = Kp * kBrgemmCols;
+    for (int64_t u = 0; u < blocks; ++u) {
+      at::native::cpublas::pack(Kp, kBrgemmCols, kBrgemmCols, kBrgemmCols, w.scalar_type(),
+                                w.scalar_type(), static_cast<const char*>(tiles.data_ptr()) +
+                                                     u * tile * w.element_size(),
+                                static_cast<char*>(out.data_ptr()) + u * tile * w.element_size());
+    }
+    return out;
+#else
+    return tiles;
+#endif
+  });
+}
+
+// out[r, q*H + u*16 + l] (+)= (a W^T)[r, ...] for rows r < rows and blocks [u0, u1), with oneDNN's
+// brgemm on the tiles of brgemm_tiles. a: [rows, lda] of the weight's dtype, K used columns
+// (Kp when vnni pads: the column K must then hold a zero). scratch: kBrgemmRows * 64 floats.
+void brgemm_gates(const cpu::Kernels& kernels, at::ScalarType dtype, bool vnni, int64_t rows,
+                  int64_t H, int64_t K, const void* a, int64_t lda, const at::Tensor& tiles,
+                  float* out, int64_t ldo, int64_t u0, int64_t u1, bool accumulate,
+                  float* scratch) {
+#if LSTM_FUSED_HAVE_BRGEMM
+  const int64_t Kp = padded_inner(K, vnni);
+  const size_t element = at::elementSize(dtype);
   for (int64_t u = u0; u < u1; ++u) {
-    const T* block = packed + u * P * 4 * L;
-    const int64_t unit0 = u * L, units = std::min(L, H - unit0);
-    int64_t b = 0;
-    for (; b + kRows <= B; b += kRows) {
-      recurrent_block<T, kRows>(H, P, unit0, units, h + b * P, block, gates + b * 4 * H);
-    }
-    if (B - b == 2) recurrent_block<T, 2>(H, P, unit0, units, h + b * P, block, gates + b * 4 * H);
-    if (B - b == 1) recurrent_block<T, 1>(H, P, unit0, units, h + b * P, block, gates + b * 4 * H);
-  }
-}
-
-// One block of 4L columns of dL/dh_{t-1} for R rows:
-//   grad_h[r, col0 + l] = sum_n grad_gates[r, n] * block[n, l]
-// grad_gates: R rows of stride G = 4H; block: [G, 4L] from pack_for_hidden_grad; grad_h: R rows of
-// stride P; `cols` (<= 4L) of the block's lanes are real columns.
-template <typename T, int R>
-LSTM_FUSED_INLINE void hidden_grad_block(int64_t G, int64_t P, int64_t col0, int64_t cols,
-                                         const T* __restrict grad_gates,
-                                         const T* __restrict block, T* __restrict grad_h) {
-  using V = typename Simd<T>::V;
-  constexpr int64_t L = Simd<T>::kLanes;
-  V acc[R][4];
-  multiply_block<T, R>(G, grad_gates, G, block, acc);
-  for (int r = 0; r < R; ++r) {
-    T* out = grad_h + r * P + col0;
-    for (int v = 0; v < 4; ++v) {
-      const int64_t lanes = std::min(L, cols - v * L);
-      if (lanes == L) {
-        store(out + v * L, acc[r][v]);
-      } else if (lanes > 0) {
-        std::fill(out + v * L, out + v * L + lanes, T(0));
-        add_lanes(out + v * L, acc[r][v], lanes);
+    const char* tile = static_cast<const char*>(tiles.data_ptr()) + u * Kp * kBrgemmCols * element;
+    const int64_t unit0 = u * kBrgemmUnits, units = std::min(kBrgemmUnits, H - unit0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kBrgemmRows) {
+      const int64_t m = std::min(kBrgemmRows, rows - r0);
+      const char* a_rows = static_cast<const char*>(a) + r0 * lda * element;
+      namespace blas = at::native::cpublas;
+      if (dtype == at::kFloat) {
+        blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, false,
+                     reinterpret_cast<const float*>(a_rows), reinterpret_cast<const float*>(tile),
+                     scratch, vnni);
+      } else if (dtype == at::kBFloat16) {
+        blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, false,
+                     reinterpret_cast<const at::BFloat16*>(a_rows),
+                     reinterpret_cast<const at::BFloat16*>(tile), scratch, vnni);
+      } else {
+        blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, false,
+                     reinterpret_cast<const at::Half*>(a_rows),
+                     reinterpret_cast<const at::Half*>(tile), scratch, vnni);
       }
+      kernels.gate_tile(scratch, m, H, unit0, units, out + r0 * ldo, ldo, accumulate);
     }
   }
+#else
+  (void)kernels, (void)dtype, (void)vnni, (void)rows, (void)H, (void)K, (void)a, (void)lda, (void)tiles,
+      (void)out, (void)ldo, (void)u0, (void)u1, (void)accumulate, (void)scratch;
+  TORCH_CHECK(false, "lstm_fused: this PyTorch has no brgemm");
+#endif
 }
 
-// Column blocks [c0, c1) (4L columns each) of dL/dh_{t-1} for every row b < B.
-template <typename T>
-LSTM_FUSED_INLINE void hidden_grad_impl(int64_t B, int64_t G, int64_t P, int64_t c0, int64_t c1,
-                                        const T* grad_gates, const T* packed, T* grad_h) {
-  constexpr int64_t L4 = 4 * Simd<T>::kLanes;
-  constexpr int kRows = 3;  // 12 accumulators
-  for (int64_t c = c0; c < c1; ++c) {
-    const T* block = packed + c * G * L4;
-    const int64_t col0 = c * L4, cols = std::min(L4, P - col0);
-    int64_t b = 0;
-    for (; b + kRows <= B; b += kRows) {
-      hidden_grad_block<T, kRows>(G, P, col0, cols, grad_gates + b * G, block, grad_h + b * P);
-    }
-    const T* dg = grad_gates + b * G;
-    T* out = grad_h + b * P;
-    if (B - b == 2) hidden_grad_block<T, 2>(G, P, col0, cols, dg, block, out);
-    if (B - b == 1) hidden_grad_block<T, 1>(G, P, col0, cols, dg, block, out);
-  }
+void brgemm_release(bool vnni) {
+#if LSTM_FUSED_HAVE_BRGEMM
+  at::native::cpublas::brgemm_release(vnni);
+#else
+  (void)vnni;
+#endif
 }
 
-// float: compiled for AVX2 and for the baseline; double: the baseline only.
-LSTM_FUSED_SIMD_CLONES
-void forward_row(int64_t H, int64_t j0, int64_t j1, float* gates, const float* bias,
-                 const float* c_prev, float* c_next, float* hidden) {
-  forward_row_impl<float>(H, j0, j1, gates, bias, c_prev, c_next, hidden);
-}
-void forward_row(int64_t H, int64_t j0, int64_t j1, double* gates, const double* bias,
-                 const double* c_prev, double* c_next, double* hidden) {
-  forward_row_impl<double>(H, j0, j1, gates, bias, c_prev, c_next, hidden);
-}
-LSTM_FUSED_SIMD_CLONES
-void backward_row(int64_t H, int64_t j0, int64_t j1, const float* gates, const float* cell,
-                  const float* c_prev, const float* grad_hidden, const float* grad_hidden_extra,
-                  const float* grad_c_next, float* grad_gates, float* grad_c_prev, float* hidden) {
-  backward_row_dispatch<float>(H, j0, j1, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                               grad_c_next, grad_gates, grad_c_prev, hidden);
-}
-void backward_row(int64_t H, int64_t j0, int64_t j1, const double* gates, const double* cell,
-                  const double* c_prev, const double* grad_hidden,
-                  const double* grad_hidden_extra, const double* grad_c_next, double* grad_gates,
-                  double* grad_c_prev, double* hidden) {
-  backward_row_dispatch<double>(H, j0, j1, gates, cell, c_prev, grad_hidden, grad_hidden_extra,
-                                grad_c_next, grad_gates, grad_c_prev, hidden);
-}
-LSTM_FUSED_SIMD_CLONES
-void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t u0, int64_t u1, const float* h,
-                     const float* packed, float* gates) {
-  recurrent_gates_impl<float>(B, H, P, u0, u1, h, packed, gates);
-}
-void recurrent_gates(int64_t B, int64_t H, int64_t P, int64_t u0, int64_t u1, const double* h,
-                     const double* packed, double* gates) {
-  recurrent_gates_impl<double>(B, H, P, u0, u1, h, packed, gates);
-}
-LSTM_FUSED_SIMD_CLONES
-void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t c0, int64_t c1, const float* grad_gates,
-                 const float* packed, float* grad_h) {
-  hidden_grad_impl<float>(B, G, P, c0, c1, grad_gates, packed, grad_h);
-}
-void hidden_grad(int64_t B, int64_t G, int64_t P, int64_t c0, int64_t c1,
-                 const double* grad_gates, const double* packed, double* grad_h) {
-  hidden_grad_impl<double>(B, G, P, c0, c1, grad_gates, packed, grad_h);
-}
-
-// W_hh [4H, P] -> [ceil(H/L), P, 4, L]: block u, row k holds the four gates' weights from input
-// k to units u*L .. u*L+L-1 (zeros past H), in the order recurrent_block reads them.
-at::Tensor pack_for_gates(const at::Tensor& w_hh, int64_t H, int64_t P, int64_t L) {
-  const int64_t blocks = (H + L - 1) / L;
-  at::Tensor w = w_hh.reshape({4, H, P});
-  if (blocks * L != H) w = at::constant_pad_nd(w, {0, 0, 0, blocks * L - H});
-  return w.reshape({4, blocks, L, P}).permute({1, 3, 0, 2}).contiguous();
-}
-
-// W_hh [4H, P] -> [ceil(P/width), 4H, width]: block c holds columns c*width .. (zeros past P).
-at::Tensor pack_for_hidden_grad(const at::Tensor& w_hh, int64_t P, int64_t width) {
-  const int64_t blocks = (P + width - 1) / width;
-  at::Tensor w = blocks * width != P ? at::constant_pad_nd(w_hh, {0, blocks * width - P}) : w_hh;
-  return w.reshape({w.size(0), blocks, width}).permute({1, 0, 2}).contiguous();
-}
-
-// The one place that picks the CPU path for each step's recurrent product:
-//   "fused": our kernels above, split by hidden unit across threads (the default up to batch 128);
-//   "gemm":  one GEMM per step (MKL/OpenBLAS through ATen), then the fused elementwise pass.
-// The environment variable LSTM_FUSED_PATH forces one (lstm_fused.force_path sets it).
-// Measured on a 2-core AVX2 machine: the fused step is ahead of the GEMM up to batch 64 and ties
-// with it at 128-256.
-constexpr int64_t kFusedRecurrenceMaxBatch = 128;
-
-bool use_fused_recurrence(int64_t batch) {
-  const char* forced = std::getenv("LSTM_FUSED_PATH");
-  if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) {
-    return batch <= kFusedRecurrenceMaxBatch;
-  }
-  if (std::strcmp(forced, "fused") == 0) return true;
-  if (std::strcmp(forced, "gemm") == 0) return false;
-  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_PATH must be auto, fused or gemm on the CPU, got '",
-              forced, "'");
-}
+// ---- Threads --------------------------------------------------------------------------------
 
 // Items per task so that one task has about `work` multiply-adds or elementwise updates.
 int64_t grain(int64_t work_per_item, int64_t work = 32768) {
@@ -388,29 +476,35 @@ int64_t grain(int64_t work_per_item, int64_t work = 32768) {
 }
 
 // Runs body(step, phase, begin, end) for every step and each of its phases, phase p covering
-// items [0, phase_items[p]). With enough work per step, all steps run in one parallel region:
-// each thread takes the same slice of each phase at every step (so its blocks of W_hh stay in its
-// cache), with a barrier after each phase instead of a fork and join. Otherwise it runs serially.
-template <typename F>
+// items [0, phase_items[p]), then finish() on every thread that ran a part. With enough work per
+// step, all steps run in one parallel region: each thread takes the same slice of each phase at
+// every step (so its blocks of W_hh stay in its cache), with a barrier after each phase instead
+// of a fork and join. Otherwise (small work: no fork at all) it runs on the calling thread.
+template <typename F, typename Finish>
 void run_steps(int64_t steps, const std::vector<int64_t>& phase_items, int64_t work_per_step,
-               const F& body) {
+               const F& body, const Finish& finish) {
 #ifdef _OPENMP
   const int64_t tasks = std::min<int64_t>(at::get_num_threads(), work_per_step / 32768);
   if (tasks > 1 && !at::in_parallel_region()) {
-#pragma omp parallel
+#pragma omp parallel num_threads(tasks)
     {
-      const int64_t threads = std::min<int64_t>(omp_get_num_threads(), tasks);
+      const int64_t threads = omp_get_num_threads();
       const int64_t thread = omp_get_thread_num();
+      bool ran = false;
       for (int64_t step = 0; step < steps; ++step) {
         for (size_t phase = 0; phase < phase_items.size(); ++phase) {
           const int64_t items = phase_items[phase];
           const int64_t chunk = (items + threads - 1) / threads;
           const int64_t begin = std::min(items, thread * chunk);
           const int64_t end = std::min(items, begin + chunk);
-          if (thread < threads && begin < end) body(step, phase, begin, end);
+          if (begin < end) {
+            body(step, phase, begin, end);
+            ran = true;
+          }
 #pragma omp barrier
         }
       }
+      if (ran) finish();
     }
     return;
   }
@@ -420,113 +514,323 @@ void run_steps(int64_t steps, const std::vector<int64_t>& phase_items, int64_t w
       body(step, phase, 0, phase_items[phase]);
     }
   }
+  finish();
 }
 
-template <typename T>
-void copy_row(T* dst, const T* src, int64_t n) {
-  std::memcpy(dst, src, sizeof(T) * n);
+// ---- Forward --------------------------------------------------------------------------------
+
+template <typename Acc>
+struct ForwardPass {
+  LstmSizes s;
+  Plan plan;
+  const cpu::Kernels* kernels;
+  at::ScalarType dtype;
+  bool training, reverse, has_proj;
+  const int64_t* lengths;
+  at::Tensor x, h0, w_ih, w_hh;  // x, h0 contiguous in x's dtype
+  std::optional<at::Tensor> w_hr;
+  at::Tensor y;                  // [T, B, P]
+  at::Tensor gates;              // [T, B, 4H] of Acc, where a tensor is needed
+  Acc* gates_data;               // gates, or [B, 4H] of scratch for a single inference step
+  Acc* cells_data;               // [T, B, H] when training, else [2, B, H] used in turn
+  at::Tensor c0;                 // [B, H] of Acc
+  std::vector<Acc> bias;         // [4H]: b_ih + b_hh
+};
+
+template <typename Acc>
+void run_forward(ForwardPass<Acc>& f) {
+  const LstmSizes& s = f.s;
+  const Plan& plan = f.plan;
+  const int64_t T = s.seq_len, B = s.batch, I = s.input_size, H = s.hidden_size,
+                P = s.output_size;
+  const cpu::KernelSet<Acc>& ks = kernel_set<Acc>(*f.kernels);
+  const bool convert = plan.operands == Operands::kConvert;
+  const bool dot = plan.operands == Operands::kBf16Dot;
+  const bool brgemm = plan.path == Path::kBrgemm;
+  const bool vnni = brgemm && brgemm_packs(f.dtype);
+  const auto acc_options = f.y.options().dtype(acc_scalar_type<Acc>());
+  const int64_t G = 4 * H;
+  const bool cache = !f.training;  // training calls pack afresh
+  const bool input_vnni = LSTM_FUSED_HAVE_BRGEMM && is_half(f.dtype) && brgemm_packs(f.dtype);
+
+  // The operands of the products: x and h in x's dtype, or float32 copies (convert).
+  const at::Tensor x_operand = convert ? f.x.to(at::kFloat) : f.x;
+  const at::Tensor h0_operand = convert ? f.h0.to(at::kFloat) : f.h0;
+  // convert: h_t as float32 too, alternating between two buffers.
+  at::Tensor h_acc = convert ? at::empty({2, B, P}, acc_options) : at::Tensor();
+
+  // The input projection of all steps at once, unless the step kernel does it.
+  if (!plan.fuse_input && T * B > 0) {
+    at::Tensor gates_2d = f.gates.view({-1, G});
+    if (is_half(f.dtype) && input_vnni) {  // AMX: oneDNN's brgemm for every path
+      const at::Tensor tiles = brgemm_tiles(f.w_ih, cache, input_vnni);
+      const int64_t Kp = padded_inner(I, input_vnni);
+      const at::Tensor x_padded =
+          Kp == I ? f.x : at::constant_pad_nd(f.x.view({T * B, I}), {0, Kp - I}).contiguous();
+      const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
+      at::parallel_for(0, blocks, grain(kBrgemmCols * I * T * B), [&](int64_t u0, int64_t u1) {
+        std::vector<float> scratch(kBrgemmRows * kBrgemmCols);
+        brgemm_gates(*f.kernels, f.dtype, input_vnni, T * B, H, I, x_padded.data_ptr(), Kp, tiles,
+                     reinterpret_cast<float*>(gates_2d.data_ptr()), G, u0, u1, false,
+                     scratch.data());
+        brgemm_release(input_vnni);
+      });
+    } else if (dot) {
+      const at::Tensor packed_ih = packed_bf16_gates(f.w_ih, cache, *f.kernels->bf16_dot);
+      const cpu::GatesProduct<uint16_t, float> p{
+          T * B, H, I, reinterpret_cast<const uint16_t*>(f.x.data_ptr()), I,
+          reinterpret_cast<const uint16_t*>(packed_ih.data_ptr()),
+          reinterpret_cast<float*>(gates_2d.data_ptr()), G, false};
+      const int64_t blocks = (H + f.kernels->bf16_dot->lanes - 1) / f.kernels->bf16_dot->lanes;
+      at::parallel_for(0, blocks, grain(4 * f.kernels->bf16_dot->lanes * I * T * B),
+                       [&](int64_t u0, int64_t u1) { f.kernels->bf16_dot->gates_product(p, u0, u1); });
+    } else if (brgemm && is_half(f.dtype)) {  // oneDNN without packing
+      const at::Tensor tiles = brgemm_tiles(f.w_ih, cache, vnni);
+      const int64_t Kp = padded_inner(I, vnni);
+      const at::Tensor x_padded =
+          Kp == I ? f.x : at::constant_pad_nd(f.x.view({T * B, I}), {0, Kp - I}).contiguous();
+      const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
+      at::parallel_for(0, blocks, grain(kBrgemmCols * I * T * B), [&](int64_t u0, int64_t u1) {
+        std::vector<float> scratch(kBrgemmRows * kBrgemmCols);
+        brgemm_gates(*f.kernels, f.dtype, vnni, T * B, H, I, x_padded.data_ptr(), Kp, tiles,
+                     reinterpret_cast<float*>(gates_2d.data_ptr()), G, u0, u1, false,
+                     scratch.data());
+        brgemm_release(vnni);
+      });
+    } else if (convert) {
+      at::mm_out(gates_2d, x_operand.view({T * B, I}), float_copy(f.w_ih, cache).t());
+    } else {
+      at::mm_out(gates_2d, f.x.view({T * B, I}), f.w_ih.t());
+    }
+  }
+
+  // Packed weights, from the cache when unchanged.
+  at::Tensor packed_hh, packed_ih, w_hh_gemm;
+  int64_t lanes = ks.lanes;
+  if (plan.path == Path::kFused) {
+    if (dot) {
+      lanes = f.kernels->bf16_dot->lanes;
+      packed_hh = packed_bf16_gates(f.w_hh, cache, *f.kernels->bf16_dot);
+      if (plan.fuse_input) packed_ih = packed_bf16_gates(f.w_ih, cache, *f.kernels->bf16_dot);
+    } else {
+      packed_hh = packed_gates<Acc>(f.w_hh, cache, ks);
+      if (plan.fuse_input) packed_ih = packed_gates<Acc>(f.w_ih, cache, ks);
+    }
+  } else if (brgemm) {
+    lanes = kBrgemmUnits;
+    packed_hh = brgemm_tiles(f.w_hh, cache, vnni);
+  } else {
+    w_hh_gemm = convert ? float_copy(f.w_hh, cache).t() : f.w_hh.t();
+  }
+  const int64_t blocks = (H + lanes - 1) / lanes;
+  const int64_t Pp = padded_inner(P, vnni);
+  const bool pad_h = brgemm && Pp != P;  // oneDNN's VNNI layout needs an even K
+
+  at::Tensor hidden = f.has_proj ? at::empty({B, H}, f.y.options()) : at::Tensor();
+  const at::Tensor w_hr_t = f.has_proj ? f.w_hr->t() : at::Tensor();
+  const int64_t out_stride = f.has_proj ? H : P;
+
+  Acc* const gates_data = f.gates_data;
+  Acc* const cells_data = f.cells_data;
+  const Acc* const c0_data = f.c0.template data_ptr<Acc>();
+  const size_t element = f.y.element_size();
+  char* const y_data = static_cast<char*>(f.y.data_ptr());
+  const char* const h0_data = static_cast<const char*>(f.h0.data_ptr());
+  Acc* const h_acc_data = convert ? h_acc.template data_ptr<Acc>() : nullptr;
+  const Acc* const h0_acc_data = convert ? h0_operand.template data_ptr<Acc>() : nullptr;
+
+  struct Step {
+    ForwardStepOrder order;
+    Acc* gates;            // [B, 4H]
+    const void* h_prev;    // h_{t-1} in x's dtype
+    const Acc* h_prev_acc; // convert: h_{t-1} as float32
+    Acc* h_acc;            // convert: h_t as float32, written
+    cpu::ForwardUpdate<Acc> update;
+  };
+  auto step_at = [&](int64_t n) {
+    Step st;
+    st.order = forward_step_order(n, T, f.reverse, f.training);
+    const ForwardStepOrder& o = st.order;
+    st.gates = gates_data + (plan.fuse_input ? 0 : o.t) * B * G;
+    st.h_prev = o.first ? static_cast<const void*>(h0_data)
+                        : static_cast<const void*>(y_data + o.t_prev * B * P * element);
+    st.h_prev_acc = convert ? (o.first ? h0_acc_data : h_acc_data + ((n + 1) % 2) * B * P)
+                            : nullptr;
+    st.h_acc = convert ? h_acc_data + (n % 2) * B * P : nullptr;
+    cpu::ForwardUpdate<Acc>& u = st.update;
+    u.hidden = H;
+    u.gates = st.gates;
+    u.bias = f.bias.data();
+    u.c_prev = o.first ? c0_data : cells_data + o.slot_prev * B * H;
+    u.c_next = cells_data + o.slot * B * H;
+    u.hidden_out = f.has_proj ? hidden.data_ptr() : y_data + o.t * B * P * element;
+    u.hidden_out_stride = out_stride;
+    u.hidden_dtype = kernel_dtype(f.dtype);
+    u.hidden_acc = f.has_proj ? nullptr : st.h_acc;
+    u.hidden_acc_stride = P;
+    u.lengths = f.lengths;
+    u.t = o.t;
+    u.h_prev = f.has_proj ? nullptr : st.h_prev;
+    u.h_prev_acc = f.has_proj ? nullptr : st.h_prev_acc;
+    return st;
+  };
+
+  // The products of one step for unit blocks [u0, u1): the input part (a single step), then the
+  // recurrent part. scratch: brgemm's output tile and padded h_{t-1}.
+  auto products = [&](const Step& st, int64_t u0, int64_t u1, std::vector<float>& scratch) {
+    if (dot) {
+      const auto* k = f.kernels->bf16_dot;
+      if (plan.fuse_input) {
+        k->gates_product({B, H, I, reinterpret_cast<const uint16_t*>(f.x.data_ptr()), I,
+                          reinterpret_cast<const uint16_t*>(packed_ih.data_ptr()),
+                          reinterpret_cast<float*>(st.gates), G, false}, u0, u1);
+      }
+      k->gates_product({B, H, P, static_cast<const uint16_t*>(st.h_prev), P,
+                        reinterpret_cast<const uint16_t*>(packed_hh.data_ptr()),
+                        reinterpret_cast<float*>(st.gates), G, true}, u0, u1);
+    } else if (brgemm) {
+      const void* a = st.h_prev;
+      if (pad_h) {  // h_{t-1} with a zero column
+        auto* padded = reinterpret_cast<uint16_t*>(scratch.data() + kBrgemmRows * kBrgemmCols);
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(padded + b * Pp, static_cast<const char*>(a) + b * P * element, P * element);
+          padded[b * Pp + P] = 0;
+        }
+        a = padded;
+      }
+      brgemm_gates(*f.kernels, f.dtype, vnni, B, H, P, a, Pp, packed_hh, reinterpret_cast<float*>(st.gates),
+                   G, u0, u1, true, scratch.data());
+    } else {
+      const Acc* x_rows = x_operand.template data_ptr<Acc>();
+      if (plan.fuse_input) {
+        ks.gates_product({B, H, I, x_rows, I, packed_ih.template data_ptr<Acc>(), st.gates, G,
+                          false}, u0, u1);
+      }
+      const Acc* h_rows = convert ? st.h_prev_acc : static_cast<const Acc*>(st.h_prev);
+      ks.gates_product({B, H, P, h_rows, P, packed_hh.template data_ptr<Acc>(), st.gates, G,
+                        true}, u0, u1);
+    }
+  };
+  auto update_rows = [&](const Step& st, int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < B; ++b) ks.forward_update(st.update, b, j0, j1);
+  };
+  auto scratch_size = [&] {
+    return brgemm ? kBrgemmRows * kBrgemmCols + (pad_h ? (B * Pp + 1) / 2 + 1 : 0) : 0;
+  };
+  const int64_t work = 4 * H * (P + (plan.fuse_input ? I : 0)) * B;
+
+  if (plan.path != Path::kGemm && !f.has_proj) {  // the whole sequence in one parallel region
+    run_steps(
+        T, {blocks}, work,
+        [&](int64_t n, size_t, int64_t u0, int64_t u1) {
+          thread_local std::vector<float> scratch;
+          if (brgemm && static_cast<int64_t>(scratch.size()) < scratch_size()) {
+            scratch.resize(scratch_size());
+          }
+          const Step st = step_at(n);
+          products(st, u0, u1, scratch);
+          update_rows(st, u0 * lanes, std::min(H, u1 * lanes));
+        },
+        [&] {
+          if (brgemm) brgemm_release(vnni);
+        });
+    return;
+  }
+  std::vector<float> serial_scratch;
+  for (int64_t n = 0; n < T; ++n) {
+    const Step st = step_at(n);
+    if (plan.path == Path::kGemm) {
+      at::Tensor gates_t = f.gates.select(0, plan.fuse_input ? 0 : st.order.t);
+      const at::Tensor h_prev =
+          convert ? (st.order.first ? h0_operand : h_acc.select(0, (n + 1) % 2))
+                  : (st.order.first ? f.h0 : f.y.select(0, st.order.t_prev));
+      gates_t.addmm_(h_prev, w_hh_gemm);
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) ks.forward_update(st.update, b, 0, H);
+      });
+    } else {
+      at::parallel_for(0, blocks, grain(4 * lanes * (P + I) * B), [&](int64_t u0, int64_t u1) {
+        thread_local std::vector<float> scratch;
+        if (brgemm && static_cast<int64_t>(scratch.size()) < scratch_size()) {
+          scratch.resize(scratch_size());
+        }
+        products(st, u0, u1, scratch);
+        update_rows(st, u0 * lanes, std::min(H, u1 * lanes));
+        if (brgemm) brgemm_release(vnni);
+      });
+    }
+    if (f.has_proj) {
+      at::Tensor y_t = f.y.select(0, st.order.t);
+      at::mm_out(y_t, hidden, w_hr_t);
+      for (int64_t b = 0; f.lengths && b < B; ++b) {
+        if (st.order.t >= f.lengths[b]) {
+          std::memcpy(y_data + (st.order.t * B + b) * P * element,
+                      static_cast<const char*>(st.h_prev) + b * P * element, P * element);
+        }
+      }
+      if (convert) h_acc.select(0, n % 2).copy_(y_t);
+    }
+  }
 }
 
 void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_half(dtype),
               "lstm_fused: the CPU kernels support float32, float64, float16 and bfloat16, got ",
-              x.scalar_type());
+              dtype);
 }
 
-bool is_reduced_precision(const at::Tensor& x) {
-  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-}
-
-at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
-
-std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
-}
-
-template <typename scalar_t>
-void forward_steps(const LstmSizes& s, at::Tensor& gates, const at::Tensor& bias, at::Tensor& y,
-                   at::Tensor& cells, bool training, const at::Tensor& h0, const at::Tensor& c0,
-                   const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                   const int64_t* lengths, bool reverse) {
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const bool has_proj = w_hr.has_value();
-  const bool fused_recurrence = use_fused_recurrence(B);
-  const at::Tensor w_hh_t = w_hh.t();
-  constexpr int64_t L = Simd<scalar_t>::kLanes;
-  const at::Tensor w_packed = fused_recurrence ? pack_for_gates(w_hh, H, P, L) : at::Tensor();
-  const at::Tensor w_hr_t = has_proj ? w_hr->t() : at::Tensor();
-  // With a projection the fused pass writes o * tanh(c) here and a GEMM maps it to y[t].
-  at::Tensor hidden = has_proj ? at::empty({B, H}, y.options()) : at::Tensor();
-  const int64_t out_stride = has_proj ? H : P;
-  // Raw pointers per step, derived from the step's index alone; tensor views only where a GEMM
-  // needs one (making views costs a large share of a small step).
-  const scalar_t* const h0_data = h0.data_ptr<scalar_t>();
-  const scalar_t* const c0_data = c0.data_ptr<scalar_t>();
-  const scalar_t* const bias_data = bias.data_ptr<scalar_t>();
-  scalar_t* const gates_data = gates.data_ptr<scalar_t>();
-  scalar_t* const y_data = y.data_ptr<scalar_t>();
-  scalar_t* const cells_data = cells.data_ptr<scalar_t>();
-  scalar_t* const hidden_data = has_proj ? hidden.data_ptr<scalar_t>() : nullptr;
-  struct Step {
-    int64_t t;
-    scalar_t* g;             // gates[t]
-    scalar_t* y;             // y[t]
-    scalar_t* c_next;        // the cell state written
-    const scalar_t* h_prev;  // h_{t-1}
-    const scalar_t* c_prev;  // c_{t-1}
-  };
-  auto step_at = [&](int64_t step) {
-    const int64_t t = reverse ? T - 1 - step : step;
-    const int64_t t_prev = reverse ? t + 1 : t - 1;
-    const int64_t slot = training ? t : step % 2, slot_prev = training ? t_prev : (step - 1) % 2;
-    return Step{t, gates_data + t * B * 4 * H, y_data + t * B * P, cells_data + slot * B * H,
-                step == 0 ? h0_data : y_data + t_prev * B * P,
-                step == 0 ? c0_data : cells_data + slot_prev * B * H};
-  };
-  // Units [j0, j1) of row b: the cell update, or past the end of sequence b, the carried state.
-  auto update = [&](const Step& st, int64_t b, int64_t j0, int64_t j1) {
-    scalar_t* out = has_proj ? hidden_data : st.y;
-    if (lengths && st.t >= lengths[b]) {
-      copy_row(st.c_next + b * H + j0, st.c_prev + b * H + j0, j1 - j0);
-      if (!has_proj) copy_row(out + b * P + j0, st.h_prev + b * P + j0, j1 - j0);
-      return;
-    }
-    forward_row(H, j0, j1, st.g + b * 4 * H, bias_data, st.c_prev + b * H, st.c_next + b * H,
-                out + b * out_stride);
-  };
-  const int64_t blocks = (H + L - 1) / L;
-  // Each task owns blocks of L hidden units: all four gates of them, then their cell update.
-  auto fused_step = [&](const Step& st, int64_t u0, int64_t u1) {
-    recurrent_gates(B, H, P, u0, u1, st.h_prev, w_packed.data_ptr<scalar_t>(), st.g);
-    for (int64_t b = 0; b < B; ++b) update(st, b, u0 * L, std::min(H, u1 * L));
-  };
-  if (fused_recurrence && !has_proj) {  // the whole sequence in one parallel region
-    run_steps(T, {blocks}, 4 * H * P * B, [&](int64_t step, size_t, int64_t u0, int64_t u1) {
-      fused_step(step_at(step), u0, u1);
-    });
-    return;
+// Buffers that a call needs only while it runs, kept per thread between calls (up to a size) so
+// that small calls allocate nothing.
+template <typename Acc>
+struct Scratch {
+  static constexpr int64_t kMaxKept = int64_t(1) << 18;  // elements per buffer
+  std::vector<Acc> kept[2];
+  // Buffer `which` of at least size elements, or nullptr if that is more than is kept.
+  Acc* get(int which, int64_t size) {
+    if (size > kMaxKept) return nullptr;
+    if (static_cast<int64_t>(kept[which].size()) < size) kept[which].resize(size);
+    return kept[which].data();
   }
-  for (int64_t step = 0; step < T; ++step) {
-    const Step st = step_at(step);
-    if (fused_recurrence) {
-      at::parallel_for(0, blocks, grain(4 * L * P * B), [&](int64_t u0, int64_t u1) {
-        fused_step(st, u0, u1);
-      });
-    } else {
-      const at::Tensor h_prev = step == 0 ? h0 : y.select(0, reverse ? st.t + 1 : st.t - 1);
-      gates.select(0, st.t).addmm_(h_prev, w_hh_t);
-      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) update(st, b, 0, H);
-      });
+};
+
+template <typename Acc>
+Scratch<Acc>& thread_scratch() {
+  thread_local Scratch<Acc> scratch;
+  return scratch;
+}
+
+// t (contiguous, x's dtype) = values of Acc.
+template <typename Acc>
+void store_as(at::Tensor& t, const Acc* values) {
+  const int64_t n = t.numel();
+  switch (t.scalar_type()) {
+    case at::kBFloat16: {
+      auto* out = t.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(values[i]);
+      break;
     }
-    if (has_proj) {
-      at::Tensor y_view = y.select(0, st.t);
-      at::mm_out(y_view, hidden, w_hr_t);
-      for (int64_t b = 0; lengths && b < B; ++b) {
-        if (st.t >= lengths[b]) copy_row(st.y + b * P, st.h_prev + b * P, P);
-      }
+    case at::kHalf: {
+      auto* out = t.data_ptr<at::Half>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(values[i]);
+      break;
     }
+    default:
+      std::memcpy(t.data_ptr(), values, n * sizeof(Acc));
   }
+}
+
+template <typename Acc>
+std::vector<Acc> summed_bias(int64_t G, const std::optional<at::Tensor>& b_ih,
+                             const std::optional<at::Tensor>& b_hh) {
+  std::vector<Acc> bias(G, Acc(0));
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (!b->has_value()) continue;
+    const at::Tensor values = (*b)->to(acc_scalar_type<Acc>()).contiguous();
+    const Acc* v = values.data_ptr<Acc>();
+    for (int64_t n = 0; n < G; ++n) bias[n] += v[n];
+  }
+  return bias;
 }
 
 ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -536,159 +840,182 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
                           const std::optional<at::Tensor>& w_hr,
                           const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
   const LstmSizes s = check_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  if (is_reduced_precision(x)) {  // computed in float32; gates and cells are saved in float32
-    auto [y, h_n, c_n, gates, cells] =
-        forward_cpu(to_float(x), to_float(h0), to_float(c0), to_float(w_ih), to_float(w_hh),
-                    to_float(b_ih), to_float(b_hh), to_float(w_hr), lengths, reverse, training);
-    const auto dtype = x.scalar_type();
-    // Saved activations stay float32; the empty placeholders of inference take x's dtype.
+  check_cpu_dtype(x);
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const at::ScalarType dtype = x.scalar_type();
+  const Plan plan = choose_plan(s, dtype, false);
+  const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+
+  auto run = [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    const auto acc_options = x.options().dtype(acc_scalar_type<Acc>());
+    ForwardPass<Acc> f;
+    f.s = s;
+    f.plan = plan;
+    f.kernels = cpu::kernels_for(plan.isa);
+    f.dtype = dtype;
+    f.training = training;
+    f.reverse = reverse;
+    f.has_proj = w_hr.has_value();
+    f.lengths = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
+    f.x = x.contiguous();
+    f.h0 = h0.contiguous();
+    f.w_ih = w_ih;
+    f.w_hh = w_hh;
+    f.w_hr = w_hr;
+    f.y = at::empty({T, B, P}, x.options());
+    // Training keeps every step's gates and cell state for backward; inference alternates
+    // between two cell-state buffers, and a single inference step keeps its gates in scratch.
+    at::Tensor gates, cells;
+    Scratch<Acc>& scratch = thread_scratch<Acc>();
+    f.cells_data = training ? nullptr : scratch.get(0, 2 * B * H);
+    if (!f.cells_data) {
+      cells = at::empty({training ? T : 2, B, H}, acc_options);
+      f.cells_data = cells.template data_ptr<Acc>();
+    }
+    f.gates_data = !training && plan.fuse_input ? scratch.get(1, B * 4 * H) : nullptr;
+    if (!f.gates_data) {
+      gates = at::empty({T, B, 4 * H}, acc_options);
+      f.gates_data = gates.template data_ptr<Acc>();
+    }
+    f.gates = gates;
+    f.c0 = c0.to(acc_options).contiguous();
+    f.bias = summed_bias<Acc>(4 * H, b_ih, b_hh);
+    run_forward<Acc>(f);
+
+    // h_n and c_n: the state after the last step processed (the initial state for T = 0).
+    at::Tensor h_n = at::empty({B, P}, x.options()), c_n = at::empty({B, H}, x.options());
+    if (T == 0) {
+      h_n.copy_(h0);
+      c_n.copy_(c0);
+    } else {
+      const int64_t last = last_step_time(T, reverse);
+      std::memcpy(h_n.data_ptr(), static_cast<const char*>(f.y.data_ptr()) +
+                                      last * B * P * f.y.element_size(), h_n.nbytes());
+      const Acc* c_last = f.cells_data + (training ? last : (T - 1) % 2) * B * H;
+      store_as(c_n, c_last);
+    }
     if (!training) {
       gates = at::empty({0}, x.options());
       cells = at::empty({0}, x.options());
     }
-    return {y.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells};
-  }
-  check_cpu_dtype(x);
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const auto options = x.options();
-
-  // The input projection of all steps at once; gates[t] then receives the recurrent part, and
-  // the biases are added in the elementwise pass.
-  at::Tensor gates = at::empty({T, B, 4 * H}, options);
-  at::Tensor gates_2d = gates.view({T * B, 4 * H});
-  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
-  at::Tensor bias = at::zeros({4 * H}, options);
-  if (b_ih.has_value()) bias.add_(*b_ih);
-  if (b_hh.has_value()) bias.add_(*b_hh);
-
-  at::Tensor y = at::empty({T, B, P}, options);
-  // Training keeps every cell state for backward; inference alternates between two buffers.
-  at::Tensor cells = at::empty({training ? T : 2, B, H}, options);
-  const at::Tensor h0_c = h0.contiguous(), c0_c = c0.contiguous();
-  const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  const int64_t* lengths_data = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_fused_forward_cpu", [&] {
-    forward_steps<scalar_t>(s, gates, bias, y, cells, training, h0_c, c0_c, w_hh, w_hr,
-                            lengths_data, reverse);
-  });
-
-  return forward_result(s, y, cells, gates, x, h0, c0, reverse, training);
+    return ForwardResult{f.y, h_n, c_n, gates, cells};
+  };
+  return dtype == at::kDouble ? run(double()) : run(float());
 }
 
-template <typename scalar_t>
-void backward_steps(const LstmSizes& s, const at::Tensor& grad_y, at::Tensor& grad_h,
-                    at::Tensor& grad_c, const at::Tensor& c0, const at::Tensor& w_hh,
+// ---- Backward -------------------------------------------------------------------------------
+
+template <typename Acc>
+void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& kernels,
+                    const at::Tensor& grad_y, at::Tensor& grad_h, at::Tensor& grad_c,
+                    const at::Tensor& c0, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& w_hr, const at::Tensor& gates,
                     const at::Tensor& cells, const int64_t* lengths, bool reverse,
                     at::Tensor& grad_gates, at::Tensor& grad_proj_out, at::Tensor& hidden_all) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  const cpu::KernelSet<Acc>& ks = kernel_set<Acc>(kernels);
   const bool has_proj = w_hr.has_value();
+  const bool fused = plan.path != Path::kGemm;
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, grad_h.options()) : at::Tensor();
-  const bool fused_recurrence = use_fused_recurrence(B);
-  constexpr int64_t L4 = 4 * Simd<scalar_t>::kLanes;
-  const at::Tensor w_packed = fused_recurrence ? pack_for_hidden_grad(w_hh, P, L4) : at::Tensor();
+  const at::Tensor w_packed = fused ? packed_columns<Acc>(w_hh, false, ks) : at::Tensor();
+  const at::Tensor w_hh_acc =
+      fused ? at::Tensor() : (is_half(w_hh.scalar_type()) ? float_copy(w_hh, false) : w_hh);
+  const at::Tensor w_hr_acc = has_proj ? w_hr->to(acc_scalar_type<Acc>()) : at::Tensor();
   // dL/dh and dL/dc alternate between two buffers, step by step; grad_h and grad_c hold the
   // incoming gradients now and the outgoing ones at the end.
   at::Tensor grad_h_other = at::empty_like(grad_h), grad_c_other = at::empty_like(grad_c);
-  scalar_t* const grad_h_buffers[2] = {grad_h.data_ptr<scalar_t>(),
-                                       grad_h_other.data_ptr<scalar_t>()};
-  scalar_t* const grad_c_buffers[2] = {grad_c.data_ptr<scalar_t>(),
-                                       grad_c_other.data_ptr<scalar_t>()};
-  // Raw pointers per step, derived from the step's index alone; tensor views only where a GEMM
-  // needs one.
-  const scalar_t* const grad_y_data = grad_y.data_ptr<scalar_t>();
-  const scalar_t* const gates_data = gates.data_ptr<scalar_t>();
-  const scalar_t* const cells_data = cells.data_ptr<scalar_t>();
-  const scalar_t* const c0_data = c0.data_ptr<scalar_t>();
-  scalar_t* const grad_gates_data = grad_gates.data_ptr<scalar_t>();
-  scalar_t* const hidden_data = has_proj ? hidden_all.data_ptr<scalar_t>() : nullptr;
-  scalar_t* const grad_hidden_data = has_proj ? grad_hidden.data_ptr<scalar_t>() : nullptr;
+  Acc* const grad_h_buffers[2] = {grad_h.data_ptr<Acc>(), grad_h_other.data_ptr<Acc>()};
+  Acc* const grad_c_buffers[2] = {grad_c.data_ptr<Acc>(), grad_c_other.data_ptr<Acc>()};
+  const Acc* const grad_y_data = grad_y.data_ptr<Acc>();
+  const Acc* const gates_data = gates.data_ptr<Acc>();
+  const Acc* const cells_data = cells.data_ptr<Acc>();
+  const Acc* const c0_data = c0.data_ptr<Acc>();
+  Acc* const grad_gates_data = grad_gates.data_ptr<Acc>();
+  Acc* const hidden_data = has_proj ? hidden_all.data_ptr<Acc>() : nullptr;
+  Acc* const grad_hidden_data = has_proj ? grad_hidden.data_ptr<Acc>() : nullptr;
   struct Step {
-    int64_t t;
-    const scalar_t* c_prev;   // c_{t-1}
-    const scalar_t* grad_y;   // grad_y[t]
-    const scalar_t* g;        // gates[t]
-    const scalar_t* cell;     // cells[t]
-    scalar_t* grad_gates;     // grad_gates[t]
-    scalar_t* hidden;         // o * tanh(c_t), kept for dW_hr (projection only)
-    const scalar_t* grad_h;   // dL/dh_t from step t+1
-    scalar_t* grad_h_prev;    // dL/dh_{t-1}, written
-    const scalar_t* grad_c;   // dL/dc_t from step t+1
-    scalar_t* grad_c_prev;    // dL/dc_{t-1}, written
+    BackwardStepOrder order;
+    const Acc* grad_y;    // grad_y[t]
+    const Acc* grad_h;    // dL/dh_t from step t_next
+    Acc* grad_h_prev;     // dL/dh_{t-1}, written
+    cpu::BackwardUpdate<Acc> update;
   };
-  auto step_at = [&](int64_t step) {
-    const int64_t t = reverse ? step : T - 1 - step;
-    const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
-    const bool from_initial = reverse ? t_prev >= T : t_prev < 0;
-    const int64_t in = step % 2, out = 1 - in;
-    return Step{t, from_initial ? c0_data : cells_data + t_prev * B * H,
-                grad_y_data + t * B * P, gates_data + t * B * 4 * H, cells_data + t * B * H,
-                grad_gates_data + t * B * 4 * H, has_proj ? hidden_data + t * B * H : nullptr,
-                grad_h_buffers[in], grad_h_buffers[out], grad_c_buffers[in], grad_c_buffers[out]};
-  };
-  // Units [j0, j1) of row b: gate gradients, or for a carried step, gradients passed through.
-  // dL/d(o tanh c_t) is grad_y[t] + dL/dh_t from step t+1, added in the pass; with a projection
-  // it is grad_hidden, computed by a GEMM before.
-  auto update = [&](const Step& st, int64_t b, int64_t j0, int64_t j1) {
-    if (lengths && st.t >= lengths[b]) {
-      for (int64_t q = 0; q < 4; ++q) {
-        scalar_t* gate = st.grad_gates + b * 4 * H + q * H;
-        std::fill(gate + j0, gate + j1, scalar_t(0));
-      }
-      copy_row(st.grad_c_prev + b * H + j0, st.grad_c + b * H + j0, j1 - j0);
-      if (st.hidden) std::fill(st.hidden + b * H + j0, st.hidden + b * H + j1, scalar_t(0));
-      return;
-    }
-    backward_row(H, j0, j1, st.g + b * 4 * H, st.cell + b * H, st.c_prev + b * H,
-                 has_proj ? grad_hidden_data + b * H : st.grad_y + b * P,
-                 has_proj ? nullptr : st.grad_h + b * P, st.grad_c + b * H,
-                 st.grad_gates + b * 4 * H, st.grad_c_prev + b * H,
-                 st.hidden ? st.hidden + b * H : nullptr);
+  auto step_at = [&](int64_t n) {
+    Step st;
+    st.order = backward_step_order(n, T, reverse);
+    const BackwardStepOrder& o = st.order;
+    st.grad_y = grad_y_data + o.t * B * P;
+    st.grad_h = grad_h_buffers[o.in];
+    st.grad_h_prev = grad_h_buffers[o.out];
+    cpu::BackwardUpdate<Acc>& u = st.update;
+    u.hidden = H;
+    u.gates = gates_data + o.t * B * 4 * H;
+    u.cell = cells_data + o.t * B * H;
+    u.c_prev = o.from_initial ? c0_data : cells_data + o.t_prev * B * H;
+    // dL/d(o tanh c_t) is grad_y[t] + dL/dh_t from step t_next, added in the pass; with a
+    // projection it is grad_hidden, computed by a GEMM before.
+    u.grad_hidden = has_proj ? grad_hidden_data : st.grad_y;
+    u.grad_hidden_stride = has_proj ? H : P;
+    u.grad_hidden_extra = has_proj ? nullptr : st.grad_h;
+    u.grad_c_next = grad_c_buffers[o.in];
+    u.grad_gates = grad_gates_data + o.t * B * 4 * H;
+    u.grad_c_prev = grad_c_buffers[o.out];
+    u.hidden_out = has_proj ? hidden_data + o.t * B * H : nullptr;
+    u.lengths = lengths;
+    u.t = o.t;
+    return st;
   };
   // Past the end of sequence b the state was carried: so is its gradient.
   auto carry = [&](const Step& st, int64_t b) {
-    if (!lengths || st.t < lengths[b]) return;
+    if (!lengths || st.order.t < lengths[b]) return;
     for (int64_t j = 0; j < P; ++j) {
       st.grad_h_prev[b * P + j] = st.grad_y[b * P + j] + st.grad_h[b * P + j];
     }
   };
+  const int64_t L4 = 4 * ks.lanes;
   const int64_t blocks = (P + L4 - 1) / L4;
-  const scalar_t* w = fused_recurrence ? w_packed.data_ptr<scalar_t>() : nullptr;
-  if (fused_recurrence && !has_proj) {  // the whole sequence in one parallel region
+  const Acc* w = fused ? w_packed.data_ptr<Acc>() : nullptr;
+  auto hidden_grad = [&](const Step& st, int64_t c0_, int64_t c1_) {
+    ks.hidden_grad({B, 4 * H, P, st.update.grad_gates, w, st.grad_h_prev}, c0_, c1_);
+  };
+  if (fused && !has_proj) {  // the whole sequence in one parallel region
     std::vector<int64_t> phases = {H, blocks};  // gate gradients by unit, dh_{t-1} by column
     if (lengths) phases.push_back(B);           // carried rows
-    run_steps(T, phases, 4 * H * P * B, [&](int64_t step, size_t phase, int64_t lo, int64_t hi) {
-      const Step st = step_at(step);
-      if (phase == 0) {
-        for (int64_t b = 0; b < B; ++b) update(st, b, lo, hi);
-      } else if (phase == 1) {
-        hidden_grad(B, 4 * H, P, lo, hi, st.grad_gates, w, st.grad_h_prev);
-      } else {
-        for (int64_t b = lo; b < hi; ++b) carry(st, b);
-      }
-    });
+    run_steps(
+        T, phases, 4 * H * P * B,
+        [&](int64_t n, size_t phase, int64_t lo, int64_t hi) {
+          const Step st = step_at(n);
+          if (phase == 0) {
+            for (int64_t b = 0; b < B; ++b) ks.backward_update(st.update, b, lo, hi);
+          } else if (phase == 1) {
+            hidden_grad(st, lo, hi);
+          } else {
+            for (int64_t b = lo; b < hi; ++b) carry(st, b);
+          }
+        },
+        [] {});
   } else {
-    for (int64_t step = 0; step < T; ++step) {
-      const Step st = step_at(step);
+    for (int64_t n = 0; n < T; ++n) {
+      const Step st = step_at(n);
       if (has_proj) {
-        at::Tensor grad_h_total = grad_proj_out.select(0, st.t);
-        at::add_out(grad_h_total, grad_y.select(0, st.t), step % 2 ? grad_h_other : grad_h);
-        at::mm_out(grad_hidden, grad_h_total, *w_hr);
+        at::Tensor grad_h_total = grad_proj_out.select(0, st.order.t);
+        at::add_out(grad_h_total, grad_y.select(0, st.order.t), st.order.in ? grad_h_other : grad_h);
+        at::mm_out(grad_hidden, grad_h_total, w_hr_acc);
       }
-      if (fused_recurrence) {
+      if (fused) {
         at::parallel_for(0, H, grain(4 * B), [&](int64_t j0, int64_t j1) {
-          for (int64_t b = 0; b < B; ++b) update(st, b, j0, j1);
+          for (int64_t b = 0; b < B; ++b) ks.backward_update(st.update, b, j0, j1);
         });
         at::parallel_for(0, blocks, grain(4 * H * L4 * B), [&](int64_t first, int64_t last) {
-          hidden_grad(B, 4 * H, P, first, last, st.grad_gates, w, st.grad_h_prev);
+          hidden_grad(st, first, last);
         });
       } else {
         at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) update(st, b, 0, H);
+          for (int64_t b = b0; b < b1; ++b) ks.backward_update(st.update, b, 0, H);
         });
-        at::Tensor grad_h_prev = step % 2 ? grad_h : grad_h_other;
-        at::mm_out(grad_h_prev, grad_gates.select(0, st.t), w_hh);
+        at::Tensor grad_h_prev = st.order.out ? grad_h_other : grad_h;
+        at::mm_out(grad_h_prev, grad_gates.select(0, st.order.t), w_hh_acc);
       }
       for (int64_t b = 0; b < B; ++b) carry(st, b);
     }
@@ -708,40 +1035,57 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                             bool has_bias) {
   const LstmSizes s = check_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
                                           lengths, y, gates, cells);
-  if (is_reduced_precision(x)) {
-    auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = backward_cpu(
-        to_float(grad_y), to_float(grad_h_n), to_float(grad_c_n), to_float(x), to_float(h0),
-        to_float(c0), to_float(w_ih), to_float(w_hh), to_float(w_hr), lengths, to_float(y), gates,
-        cells, reverse, has_bias);
-    const auto dtype = x.scalar_type();
-    return {grad_x.to(dtype), grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih.to(dtype),
-            grad_w_hh.to(dtype), grad_bias.to(dtype), grad_w_hr.to(dtype)};
-  }
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const auto options = x.options();
+  const at::ScalarType dtype = x.scalar_type();
+  const Plan plan = choose_plan(s, dtype, true);
   const bool has_proj = w_hr.has_value();
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_options = x.options().dtype(acc_type);
 
-  at::Tensor grad_gates = at::empty({T, B, 4 * H}, options);
-  at::Tensor grad_proj_out = has_proj ? at::empty({T, B, P}, options) : at::Tensor();
-  at::Tensor hidden_all = has_proj ? at::empty({T, B, H}, options) : at::Tensor();
-  at::Tensor grad_h = grad_h_n.clone(at::MemoryFormat::Contiguous);
-  at::Tensor grad_c = grad_c_n.clone(at::MemoryFormat::Contiguous);
+  at::Tensor grad_gates = at::empty({T, B, 4 * H}, acc_options);
+  at::Tensor grad_proj_out = has_proj ? at::empty({T, B, P}, acc_options) : at::Tensor();
+  at::Tensor hidden_all = has_proj ? at::empty({T, B, H}, acc_options) : at::Tensor();
+  at::Tensor grad_h = grad_h_n.to(acc_options, false, true).contiguous();
+  at::Tensor grad_c = grad_c_n.to(acc_options, false, true).contiguous();
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   const int64_t* lengths_data = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
+  const cpu::Kernels& kernels = *cpu::kernels_for(plan.isa);
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_fused_backward_cpu", [&] {
-    backward_steps<scalar_t>(s, grad_y.contiguous(), grad_h, grad_c, c0.contiguous(),
-                             w_hh.contiguous(), w_hr,
-                             gates.contiguous(), cells.contiguous(), lengths_data, reverse,
-                             grad_gates, grad_proj_out, hidden_all);
-  });
-
-  return gradients_over_steps(s, grad_gates, x, h0, w_ih, y, grad_proj_out, hidden_all, grad_h,
-                              grad_c, reverse, has_bias);
+  auto run = [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    backward_steps<Acc>(s, plan, kernels, grad_y.to(acc_options).contiguous(), grad_h, grad_c,
+                        c0.to(acc_options).contiguous(), w_hh, w_hr,
+                        gates.contiguous(), cells.contiguous(), lengths_data, reverse,
+                        grad_gates, grad_proj_out, hidden_all);
+  };
+  if (T > 0 && B > 0) {
+    if (acc_type == at::kDouble) {
+      run(double());
+    } else {
+      run(float());
+    }
+  }
+  if (!is_half(dtype)) {
+    return gradients_over_steps(s, grad_gates, x, h0, w_ih, y, grad_proj_out, hidden_all, grad_h,
+                                grad_c, reverse, has_bias);
+  }
+  // The GEMMs over all steps in the half type (float32 sums inside), as nn.LSTM's.
+  return gradients_over_steps(s, grad_gates.to(dtype), x, h0, w_ih, y,
+                              has_proj ? grad_proj_out.to(dtype) : at::Tensor(),
+                              has_proj ? hidden_all.to(dtype) : at::Tensor(), grad_h.to(dtype),
+                              grad_c.to(dtype), reverse, has_bias);
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  // Helpers of lstm_fused.force_path / force_isa / available_isas and of the tests.
+  m.def("_cpu_dispatch(str path, str isa) -> ()", &set_cpu_dispatch);
+  m.def("_cpu_isas() -> str[]", &cpu_isas);
+  m.def("_cpu_paths() -> str[]", &cpu_paths);
+  m.def("_cpu_weight_cache(bool clear) -> int[]", &weight_cache_info);
+}
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("forward", &forward_cpu);
