@@ -28,6 +28,7 @@
 // step loop (or the persistent launch), every launch on the current stream; the persistent kernel
 // only where the stream may take a cooperative launch.
 #include "../lstm.h"
+#include "../step_order.h"
 #include "lstm_kernels.h"
 #include "lstm_persistent.h"
 
@@ -763,13 +764,11 @@ void forward_steps(const LstmSizes& s, const CudaPath& path, const ForwardDirect
   MatrixRef<const scalar_t> w_hr_t{};
   if (has_proj) w_hr_t = {d.w_hr.data_ptr<scalar_t>(), H, P, 1, H};
   for (int64_t n = 0; n < T_; ++n) {
-    const int64_t t = reverse ? T_ - 1 - n : n;
-    const int64_t t_prev = reverse ? t + 1 : t - 1;
     // Training keeps every cell state; inference alternates between two buffers.
-    const int64_t slot = training ? t : n % 2, slot_prev = training ? t_prev : (n - 1) % 2;
+    const auto [t, t_prev, first, slot, slot_prev] = forward_step_order(n, T_, reverse, training);
     step.t = t;
-    step.h_prev = n == 0 ? pointer<const T, scalar_t>(d.h0) : y_data + t_prev * B * P;
-    step.c_prev = n == 0 ? d.c0.data_ptr<Acc>() : cells_data + slot_prev * B * H;
+    step.h_prev = first ? pointer<const T, scalar_t>(d.h0) : y_data + t_prev * B * P;
+    step.c_prev = first ? d.c0.data_ptr<Acc>() : cells_data + slot_prev * B * H;
     step.c_next = cells_data + slot * B * H;
     step.input_gates = input_gates_data + t * B * 4 * H;
     if (!has_proj) step.hidden_out = y_data + t * B * P;
@@ -867,17 +866,16 @@ void backward_steps(const LstmSizes& s, const CudaPath& path, const at::Tensor& 
                  kernel);
   };
   for (int64_t n = 0; n < T_; ++n) {
-    const int64_t t = reverse ? n : T_ - 1 - n;
-    const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step whose state t started from
-    const int64_t t_next = reverse ? t - 1 : t + 1;  // the step that started from t
-    const bool from_initial = reverse ? t_prev >= T_ : t_prev < 0;
+    const BackwardStepOrder order = backward_step_order(n, T_, reverse);
+    const int64_t t = order.t, t_prev = order.t_prev, t_next = order.t_next;
+    const bool from_initial = order.from_initial;
     step.t = t;
     step.grad_y = grad_y_data + t * B * P;
     step.gates = gates_data + t * B * 4 * H;
     step.cell = cells_data + t * B * H;
     step.c_prev = from_initial ? d.c0.data_ptr<Acc>() : cells_data + t_prev * B * H;
     step.grad_gates = grad_gates_data + t * B * 4 * H;
-    set_received(t_next, n == 0);
+    set_received(t_next, order.last);
     if (has_proj) {
       // First G_t and grad_y[t] + G_t, then the gate gradients from (grad_y[t] + G_t) W_hr.
       step.grad_total = grad_total_data + t * B * P;
@@ -892,8 +890,7 @@ void backward_steps(const LstmSizes& s, const CudaPath& path, const at::Tensor& 
     }
   }
   // dL/dh_0: what the first step processed sends back.
-  const int64_t t_first = reverse ? T_ - 1 : 0;
-  set_received(t_first, false);
+  set_received(first_step_time(T_, reverse), false);
   step.grad_total = nullptr;
   launch(BackwardMode::kHiddenGrad, "backward hidden-gradient kernel");
 }
