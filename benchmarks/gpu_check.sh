@@ -5,7 +5,8 @@
 #  2. runs tests/test_cuda.py;
 #  3. runs the GPU goal benchmark (bench_lstm.py --device cuda --sets goals, float32 and
 #     bfloat16, against nn.LSTM and nn.LSTM replayed from a CUDA graph);
-#  4. runs a small subset of the CUDA tests (every kernel and tile once, small sizes) under
+#  4. runs a small subset of the CUDA tests (every step kernel and tile and the persistent
+#     kernels once, small sizes) under
 #     compute-sanitizer --tool memcheck and --tool racecheck, where compute-sanitizer works;
 #  5. writes OUT_DIR/summary.json (benchmarks/gpu_summary.py) beside the logs of every step.
 # Each step has a time limit, together 5 min 45 s (build 120 s, tests 100 s, benchmark 55 s, the
@@ -49,8 +50,9 @@ step() {
   return $status
 }
 
-# One architecture, the C++ sources in parallel, and nvcc's optimisation of the kernels' one .cu
-# file split over every core (about 90 s of one core otherwise, for sm_90).
+# One architecture, the C++ sources and both .cu files in parallel, and nvcc's optimisation of
+# each .cu file split over every core (the step kernels' about 90 s of one core otherwise, for
+# sm_90).
 export LSTM_FUSED_CUDA=1 LSTM_FUSED_CUDA_ARCHS=$arch MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --split-compile=0"
 export PYTHONUNBUFFERED=1
