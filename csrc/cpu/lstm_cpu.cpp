@@ -660,6 +660,7 @@ void run_forward(ForwardPass<Acc>& f) {
     cpu::ForwardUpdate<Acc>& u = st.update;
     u.hidden = H;
     u.gates = st.gates;
+    u.keep_gates = f.training;
     u.bias = f.bias.data();
     u.c_prev = o.first ? c0_data : cells_data + o.slot_prev * B * H;
     u.c_next = cells_data + o.slot * B * H;
