@@ -60,13 +60,16 @@ def lstm(
     input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = _autocast(
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     args = (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
-    if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+    # torch.compiler.is_compiling() holds under torch.export, which the ONNX exporter runs; the
+    # order spares eager calls the cost of is_in_onnx_export.
+    if (not torch.jit.is_tracing() and torch.compiler.is_compiling()
+            and torch.onnx.is_in_onnx_export()):
         # torch.onnx.export(dynamo=True) captures an ONNX LSTM node; a trace (dynamo=False) keeps
         # the op, which has an ONNX symbolic.
         output, h_n, c_n = _onnx.lstm_node(*args)
     else:
         # The op keeps activations for backward exactly when autograd needs them.
-        output, h_n, c_n = torch.ops.lstm_fused.layer(*args)
+        output, h_n, c_n = torch.ops.lstm_fused.layer.default(*args)
     if lengths is not None:
         # The op's y holds the carried state at padded steps; the padded outputs are zeros.
         output = zero_padded_steps(output, lengths)

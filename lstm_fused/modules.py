@@ -35,6 +35,8 @@ class LSTM(nn.RNNBase):
             self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
                                    "Expected hidden[1] size {}, got {}")
         else:
+            if self._forward_args_ok(input, hidden, batch_sizes):
+                return
             nn.RNNBase.check_input(self, input, batch_sizes)
             nn.RNNBase.check_hidden_size(
                 self, hidden[0], nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes),
@@ -42,6 +44,22 @@ class LSTM(nn.RNNBase):
             nn.RNNBase.check_hidden_size(
                 self, hidden[1], nn.LSTM.get_expected_cell_size(self, input, batch_sizes),
                 "Expected hidden[1] size {}, got {}")
+
+    def _forward_args_ok(self, input: Tensor, hidden: Tuple[Tensor, Tensor],
+                         batch_sizes: Optional[Tensor]) -> bool:
+        """Whether nn.LSTM's checks pass, in a few comparisons (a single step's Python time is
+        mostly such calls); if not, check_forward_args runs them for their messages."""
+        if input.dtype != self._flat_weights[0].dtype and not torch._C._is_any_autocast_enabled():
+            return False
+        if batch_sizes is not None or input.dim() != 3:  # packed input: nn.LSTM's checks
+            return False
+        batch = input.size(0) if self.batch_first else input.size(1)
+        if input.size(-1) != self.input_size:
+            return False
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        output_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (hidden[0].size() == (layers, batch, output_size)
+                and hidden[1].size() == (layers, batch, self.hidden_size))
 
     def __init__(
         self,
@@ -96,7 +114,7 @@ class LSTM(nn.RNNBase):
     def forward(self, input, hx=None):  # noqa: F811
         if not torch.jit.is_scripting() and hx is not None and not (
             isinstance(hx, (tuple, list)) and len(hx) == 2
-            and all(isinstance(t, Tensor) for t in hx)
+            and isinstance(hx[0], Tensor) and isinstance(hx[1], Tensor)
         ):
             raise TypeError(
                 f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
@@ -158,46 +176,65 @@ class LSTM(nn.RNNBase):
         """sequence: [T, B, I]; hx: ([L*D, B, P], [L*D, B, H]) -> ([T, B, D*P], h_n, c_n)."""
         h0, c0 = hx
         num_directions = 2 if self.bidirectional else 1
+        if not torch.jit.is_scripting():
+            return self._run_layers_by_name(sequence, h0, c0, num_directions, lengths)
+        return self._run_layers_scripted(sequence, h0, c0, num_directions, lengths)
+
+    def _run_layers_scripted(self, sequence: Tensor, h0: Tensor, c0: Tensor, num_directions: int,
+                             lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for layer in range(self.num_layers):
-            both_done = False
-            if not torch.jit.is_scripting():  # TorchScript compiles none of this block
-                if self.bidirectional and _both_directions_in_one_op():
-                    states = slice(2 * layer, 2 * layer + 2)
-                    sequence, (h, c) = lstm_bidirectional(
-                        sequence, (h0[states], c0[states]), self._layer_weights(layer, ""),
-                        self._layer_weights(layer, "_reverse"), lengths=lengths)
-                    h_n.extend(h.unbind(0))
-                    c_n.extend(c.unbind(0))
-                    both_done = True
-            if not both_done:
+            outputs: List[Tensor] = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                output, h, c = self._scripted_layer(sequence, h0[index], c0[index], index,
+                                                    direction == 1, lengths)
+                outputs.append(output)
+                h_n.append(h)
+                c_n.append(c)
+            sequence = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                sequence = F.dropout(sequence, self.dropout, training=True)
+        return sequence, torch.stack(h_n), torch.stack(c_n)
+
+    def _run_layers_by_name(self, sequence: Tensor, h0: Tensor, c0: Tensor, num_directions: int,
+                            lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """_run_layers outside TorchScript: the weights by name (torch.func.functional_call
+        replaces parameters without updating _flat_weights)."""
+        h0_layers, c0_layers = h0.unbind(0), c0.unbind(0)
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for layer in range(self.num_layers):
+            if num_directions == 2 and _both_directions_in_one_op():
+                states = slice(2 * layer, 2 * layer + 2)
+                sequence, (h, c) = lstm_bidirectional(
+                    sequence, (h0[states], c0[states]), self._layer_weights(2 * layer),
+                    self._layer_weights(2 * layer + 1), lengths=lengths)
+                h_n.extend(h.unbind(0))
+                c_n.extend(c.unbind(0))
+            else:
                 outputs: List[Tensor] = []
                 for direction in range(num_directions):
                     index = layer * num_directions + direction
-                    if torch.jit.is_scripting():
-                        output, h, c = self._scripted_layer(sequence, h0[index], c0[index], index,
-                                                            direction == 1, lengths)
-                    else:
-                        suffix = f"_l{layer}_reverse" if direction == 1 else f"_l{layer}"
-                        output, (h, c) = lstm(
-                            sequence,
-                            (h0[index], c0[index]),
-                            getattr(self, "weight_ih" + suffix),
-                            getattr(self, "weight_hh" + suffix),
-                            getattr(self, "bias_ih" + suffix) if self.bias else None,
-                            getattr(self, "bias_hh" + suffix) if self.bias else None,
-                            getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
-                            reverse=direction == 1,
-                            lengths=lengths,
-                        )
+                    output, (h, c) = lstm(sequence, (h0_layers[index], c0_layers[index]),
+                                          *self._layer_weights(index), reverse=direction == 1,
+                                          lengths=lengths)
                     outputs.append(output)
                     h_n.append(h)
                     c_n.append(c)
                 sequence = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 sequence = F.dropout(sequence, self.dropout, training=True)
+        if len(h_n) == 1:  # the op's fresh outputs, as views: no copy
+            return sequence, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
         return sequence, torch.stack(h_n), torch.stack(c_n)
+
+    def _weight(self, name: str) -> Tensor:
+        """getattr(self, name), reading _parameters first (nn.Module.__getattr__ is slow next to
+        a single step); getattr finds what has left it (parametrizations, weight_norm)."""
+        weight = self._parameters.get(name)
+        return weight if weight is not None else getattr(self, name)
 
     def _scripted_layer(self, sequence: Tensor, h0: Tensor, c0: Tensor, index: int, reverse: bool,
                         lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -214,14 +251,13 @@ class LSTM(nn.RNNBase):
             output = zero_padded_steps(output, lengths)
         return output, h_n, c_n
 
-    def _layer_weights(self, layer: int, direction: str):
-        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of a layer; direction is "" or
-        "_reverse"."""
-        suffix = f"_l{layer}{direction}"
-        return (getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix),
-                getattr(self, "bias_ih" + suffix) if self.bias else None,
-                getattr(self, "bias_hh" + suffix) if self.bias else None,
-                getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None)
+    def _layer_weights(self, index: int):
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of layer-and-direction index."""
+        names = self._all_weights[index]  # without the biases or w_hr where the layer has none
+        return (self._weight(names[0]), self._weight(names[1]),
+                self._weight(names[2]) if self.bias else None,
+                self._weight(names[3]) if self.bias else None,
+                self._weight(names[-1]) if self.proj_size > 0 else None)
 
 
 def _both_directions_in_one_op() -> bool:

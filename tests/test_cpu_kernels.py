@@ -13,7 +13,7 @@ import torch
 import lstm_fused
 from lstm_testing import (TOLERANCES, check_against_nn_lstm, compare_with_reference, dtype_id,
                           float64_copy, lengths_for, make_inputs, make_pair, module_inputs,
-                          op_reference, poison_memory, run_op)
+                          op_reference, padding, poison_memory, run_op)
 
 ISAS = ["avx512_bf16", "avx512", "avx2", "baseline"]
 PATHS = lstm_fused.available_paths("cpu")
@@ -61,6 +61,39 @@ def test_every_isa_and_path_matches_float64_reference(sizes, dtype, isa, path, r
     # The inference call (other buffers, the cache, a single-step kernel) gives h_n and c_n too.
     torch.testing.assert_close(inference[1].double(), expected_outputs[1], atol=atol, rtol=rtol)
     torch.testing.assert_close(inference[2].double(), expected_outputs[2], atol=atol, rtol=rtol)
+
+
+@pytest.mark.skipif("brgemm" not in PATHS, reason="this PyTorch has no brgemm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_brgemm_inference_updates_from_its_tiles(dtype, reverse):
+    """brgemm inference computes both products of each step into one tile and updates from it:
+    more rows than one tile holds (70 > 64), odd inner sizes (VNNI pads I and H), a partial
+    block of units, empty and short rows; every output element against the float64 reference
+    (float32) or against the brgemm training call (bfloat16, which keeps the pre-activations)."""
+    T, B, I, H = 3, 70, 19, 17
+    inputs = make_inputs(T, B, I, H, dtype=dtype, lengths=lengths_for(T, B))
+    args = [inputs[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
+                                "lengths")]
+    with lstm_fused.force_path("brgemm"), torch.no_grad():
+        poison_memory()
+        y, h_n, c_n, _, _ = torch.ops.lstm_fused.forward(*args, reverse, False)
+        poison_memory()
+        expected = torch.ops.lstm_fused.forward(*args, reverse, True)[:3]
+    if dtype == torch.float32:
+        double = {k: v.double() if v is not None and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        out, (h_ref, c_ref) = lstm_fused.lstm_reference(
+            double["x"], (double["h0"], double["c0"]), double["w_ih"], double["w_hh"],
+            double["b_ih"], double["b_hh"], None, reverse=reverse, lengths=double["lengths"])
+        expected = (out, h_ref, c_ref)
+        y = y.masked_fill(padding(inputs), 0.0)  # the op carries the state at padded steps
+        atol, rtol = OP_TOLERANCES[dtype]
+    else:
+        atol, rtol = 1e-2, 1e-2
+    for actual, wanted in zip((y, h_n, c_n), expected):
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual.double(), wanted.double(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("path", PATHS)

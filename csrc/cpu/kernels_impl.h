@@ -352,7 +352,7 @@ void hidden_grad(const HiddenGrad<T>& s, int64_t c0, int64_t c1) {
 
 // ---- Elementwise updates --------------------------------------------------------------------
 
-template <typename Acc, typename Out, bool kWriteAcc>
+template <typename Acc, typename Out, bool kWriteAcc, bool kKeepGates>
 LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __restrict gates,
                                    const Acc* __restrict bias, const Acc* __restrict c_prev,
                                    Acc* __restrict c_next,
@@ -364,10 +364,12 @@ LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __res
     const Acc g = tanh_(gates[2 * H + j] + bias[2 * H + j]);
     const Acc o = sigmoid_(gates[3 * H + j] + bias[3 * H + j]);
     const Acc c = f * c_prev[j] + i * g;
-    gates[j] = i;
-    gates[H + j] = f;
-    gates[2 * H + j] = g;
-    gates[3 * H + j] = o;
+    if (kKeepGates) {
+      gates[j] = i;
+      gates[H + j] = f;
+      gates[2 * H + j] = g;
+      gates[3 * H + j] = o;
+    }
     c_next[j] = c;
     const auto h = Storage<Out>::store(o * tanh_(c));
     hidden[j] = h;
@@ -395,12 +397,16 @@ LSTM_FUSED_INLINE void forward_update_as(const ForwardUpdate<Acc>& s, int64_t b,
     return;
   }
   Acc* const gates = s.gates + b * 4 * H;
-  if (out_acc) {
-    forward_row<Acc, Out, true>(H, j0, j1, gates, s.bias, s.c_prev + b * H, s.c_next + b * H,
-                                out, out_acc);
+  const Acc* const c_prev = s.c_prev + b * H;
+  Acc* const c_next = s.c_next + b * H;
+  if (out_acc && s.keep_gates) {
+    forward_row<Acc, Out, true, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc);
+  } else if (out_acc) {
+    forward_row<Acc, Out, true, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc);
+  } else if (s.keep_gates) {
+    forward_row<Acc, Out, false, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr);
   } else {
-    forward_row<Acc, Out, false>(H, j0, j1, gates, s.bias, s.c_prev + b * H, s.c_next + b * H,
-                                 out, nullptr);
+    forward_row<Acc, Out, false, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr);
   }
 }
 

@@ -5,7 +5,8 @@
 // oneDNN's brgemm for half types, which keep float32 sums), then per step the recurrent part of
 // all four gates and the biases, nonlinearities and cell update, fused: each thread owns blocks
 // of hidden units, step after step, and computes them from W_hh packed once (cached while the
-// weight is unchanged). A single step (T = 1, streaming) does the input part in the same pass.
+// weight is unchanged). A single step (T = 1, streaming) does the input part in the same pass,
+// and so does brgemm inference at every step (both products into one tile, the update from it).
 // Backward: one pass back in time (fused gate gradients, then dh_{t-1} from W_hh packed by
 // column blocks), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps.
 // No atomics and a fixed reduction order: identical inputs give identical results.
@@ -175,7 +176,9 @@ struct Plan {
   Path path;
   Isa isa;
   Operands operands;
-  bool fuse_input;  // the input part x_t W_ih^T inside the step kernel (a single step)
+  // The input part x_t W_ih^T inside the step kernel: a single step of the fused path, or every
+  // step of brgemm inference (both products into one tile, then the update from that tile).
+  bool fuse_input;
 };
 
 bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
@@ -185,7 +188,8 @@ bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::k
 constexpr int64_t kFusedMaxBatch = 128;
 
 // The one place that picks the CPU path and instruction set for a call.
-Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward) {
+Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool training = false,
+                 bool has_proj = false) {
   const Forced forced = forced_now();
   const Isa isa = forced.isa >= 0 ? static_cast<Isa>(forced.isa) : cpu::best_isa();
   Path path = forced.path;
@@ -208,7 +212,9 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward) {
                      isa == Isa::kAvx512Bf16 && cpu::kernels_for(isa)->bf16_dot != nullptr;
     operands = dot ? Operands::kBf16Dot : Operands::kConvert;
   }
-  const bool fuse_input = !backward && path == Path::kFused && s.seq_len == 1;
+  const bool fuse_input =
+      !backward && ((path == Path::kFused && s.seq_len == 1) ||
+                    (path == Path::kBrgemm && !training && !has_proj));
   return {path, isa, operands, fuse_input};
 }
 
@@ -420,6 +426,28 @@ at::Tensor brgemm_tiles(const at::Tensor& w, bool cache, bool vnni) {
   });
 }
 
+// c[m, 64] (+)= a[m, Kp] tile[Kp, 64] with oneDNN's brgemm (float32 sums), a of the tile's dtype.
+void brgemm_tile(at::ScalarType dtype, bool vnni, int64_t m, int64_t Kp, const void* a,
+                 int64_t lda, const void* tile, float* c, bool add) {
+#if LSTM_FUSED_HAVE_BRGEMM
+  namespace blas = at::native::cpublas;
+  if (dtype == at::kFloat) {
+    blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, add,
+                 static_cast<const float*>(a), static_cast<const float*>(tile), c, vnni);
+  } else if (dtype == at::kBFloat16) {
+    blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, add,
+                 static_cast<const at::BFloat16*>(a), static_cast<const at::BFloat16*>(tile), c,
+                 vnni);
+  } else {
+    blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, add,
+                 static_cast<const at::Half*>(a), static_cast<const at::Half*>(tile), c, vnni);
+  }
+#else
+  (void)dtype, (void)vnni, (void)m, (void)Kp, (void)a, (void)lda, (void)tile, (void)c, (void)add;
+  TORCH_CHECK(false, "lstm_fused: this PyTorch has no brgemm");
+#endif
+}
+
 // out[r, q*H + u*16 + l] (+)= (a W^T)[r, ...] for rows r < rows and blocks [u0, u1), with oneDNN's
 // brgemm on the tiles of brgemm_tiles. a: [rows, lda] of the weight's dtype, K used columns
 // (Kp when vnni pads: the column K must then hold a zero). scratch: kBrgemmRows * 64 floats.
@@ -436,20 +464,7 @@ void brgemm_gates(const cpu::Kernels& kernels, at::ScalarType dtype, bool vnni, 
     for (int64_t r0 = 0; r0 < rows; r0 += kBrgemmRows) {
       const int64_t m = std::min(kBrgemmRows, rows - r0);
       const char* a_rows = static_cast<const char*>(a) + r0 * lda * element;
-      namespace blas = at::native::cpublas;
-      if (dtype == at::kFloat) {
-        blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, false,
-                     reinterpret_cast<const float*>(a_rows), reinterpret_cast<const float*>(tile),
-                     scratch, vnni);
-      } else if (dtype == at::kBFloat16) {
-        blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, false,
-                     reinterpret_cast<const at::BFloat16*>(a_rows),
-                     reinterpret_cast<const at::BFloat16*>(tile), scratch, vnni);
-      } else {
-        blas::brgemm(m, kBrgemmCols, Kp, lda, kBrgemmCols, kBrgemmCols, false,
-                     reinterpret_cast<const at::Half*>(a_rows),
-                     reinterpret_cast<const at::Half*>(tile), scratch, vnni);
-      }
+      brgemm_tile(dtype, vnni, m, Kp, a_rows, lda, tile, scratch, false);
       kernels.gate_tile(scratch, m, H, unit0, units, out + r0 * ldo, ldo, accumulate);
     }
   }
@@ -619,12 +634,28 @@ void run_forward(ForwardPass<Acc>& f) {
   } else if (brgemm) {
     lanes = kBrgemmUnits;
     packed_hh = brgemm_tiles(f.w_hh, cache, vnni);
+    if (plan.fuse_input) packed_ih = brgemm_tiles(f.w_ih, cache, vnni);
   } else {
     w_hh_gemm = convert ? float_copy(f.w_hh, cache).t() : f.w_hh.t();
   }
   const int64_t blocks = (H + lanes - 1) / lanes;
   const int64_t Pp = padded_inner(P, vnni);
   const bool pad_h = brgemm && Pp != P;  // oneDNN's VNNI layout needs an even K
+  // brgemm with the input part: x with a zero column where VNNI pads I, and the biases in the
+  // tiles' layout [block][gate][16].
+  const int64_t Ip = padded_inner(I, vnni);
+  const bool tile_update = brgemm && plan.fuse_input;
+  const at::Tensor x_tiles =
+      !tile_update || Ip == I ? f.x
+                              : at::constant_pad_nd(f.x.view({T * B, I}), {0, Ip - I}).contiguous();
+  std::vector<Acc> bias_tiles(tile_update ? blocks * kBrgemmCols : 0, Acc(0));
+  for (int64_t u = 0; tile_update && u < blocks; ++u) {
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t l = 0; l < kBrgemmUnits && u * kBrgemmUnits + l < H; ++l) {
+        bias_tiles[u * kBrgemmCols + q * kBrgemmUnits + l] = f.bias[q * H + u * kBrgemmUnits + l];
+      }
+    }
+  }
 
   at::Tensor hidden = f.has_proj ? at::empty({B, H}, f.y.options()) : at::Tensor();
   const at::Tensor w_hr_t = f.has_proj ? f.w_hr->t() : at::Tensor();
@@ -660,6 +691,7 @@ void run_forward(ForwardPass<Acc>& f) {
     cpu::ForwardUpdate<Acc>& u = st.update;
     u.hidden = H;
     u.gates = st.gates;
+    u.keep_gates = f.training;
     u.bias = f.bias.data();
     u.c_prev = o.first ? c0_data : cells_data + o.slot_prev * B * H;
     u.c_next = cells_data + o.slot * B * H;
@@ -714,6 +746,56 @@ void run_forward(ForwardPass<Acc>& f) {
   auto update_rows = [&](const Step& st, int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < B; ++b) ks.forward_update(st.update, b, j0, j1);
   };
+  // brgemm inference, blocks [u0, u1) of one step: x_t and h_{t-1} times their tiles into one
+  // output tile, then the update of each row straight from it (no [B, 4H] pre-activations).
+  auto tile_step = [&](const Step& st, int64_t u0, int64_t u1, std::vector<float>& scratch) {
+    const size_t weight_element = at::elementSize(f.dtype);
+    const char* x_t = static_cast<const char*>(x_tiles.data_ptr()) +
+                      st.order.t * B * Ip * weight_element;
+    const void* h = st.h_prev;
+    if (pad_h) {  // h_{t-1} with a zero column
+      auto* padded = reinterpret_cast<uint16_t*>(scratch.data() + kBrgemmRows * kBrgemmCols);
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(padded + b * Pp, static_cast<const char*>(h) + b * P * element, P * element);
+        padded[b * Pp + P] = 0;
+      }
+      h = padded;
+    }
+    float* const tile_out = scratch.data();
+    for (int64_t u = u0; u < u1; ++u) {
+      const char* ih = static_cast<const char*>(packed_ih.data_ptr()) +
+                       u * Ip * kBrgemmCols * weight_element;
+      const char* hh = static_cast<const char*>(packed_hh.data_ptr()) +
+                       u * Pp * kBrgemmCols * weight_element;
+      const int64_t unit0 = u * kBrgemmUnits, units = std::min(kBrgemmUnits, H - unit0);
+      for (int64_t r0 = 0; r0 < B; r0 += kBrgemmRows) {
+        const int64_t m = std::min(kBrgemmRows, B - r0);
+        if (Ip > 0) {
+          brgemm_tile(f.dtype, vnni, m, Ip, x_t + r0 * Ip * weight_element, Ip, ih, tile_out,
+                      false);
+        }
+        brgemm_tile(f.dtype, vnni, m, Pp, static_cast<const char*>(h) + r0 * Pp * element, Pp,
+                    hh, tile_out, Ip > 0);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t b = r0 + r;
+          // Row b's units [unit0, unit0 + units) as a row of 16 units whose gates are the tile's.
+          cpu::ForwardUpdate<Acc> row = st.update;
+          row.hidden = kBrgemmUnits;
+          row.gates = reinterpret_cast<Acc*>(tile_out + r * kBrgemmCols);
+          row.bias = bias_tiles.data() + u * kBrgemmCols;
+          row.c_prev = st.update.c_prev + b * H + unit0;
+          row.c_next = st.update.c_next + b * H + unit0;
+          row.hidden_out = static_cast<char*>(st.update.hidden_out) +
+                           (b * st.update.hidden_out_stride + unit0) * element;
+          row.lengths = st.update.lengths ? st.update.lengths + b : nullptr;
+          row.h_prev = st.update.h_prev ? static_cast<const char*>(st.update.h_prev) +
+                                              (b * st.update.hidden_out_stride + unit0) * element
+                                        : nullptr;
+          ks.forward_update(row, 0, 0, units);
+        }
+      }
+    }
+  };
   auto scratch_size = [&] {
     return brgemm ? kBrgemmRows * kBrgemmCols + (pad_h ? (B * Pp + 1) / 2 + 1 : 0) : 0;
   };
@@ -728,6 +810,10 @@ void run_forward(ForwardPass<Acc>& f) {
             scratch.resize(scratch_size());
           }
           const Step st = step_at(n);
+          if (tile_update) {
+            tile_step(st, u0, u1, scratch);
+            return;
+          }
           products(st, u0, u1, scratch);
           update_rows(st, u0 * lanes, std::min(H, u1 * lanes));
         },
@@ -843,7 +929,7 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const at::ScalarType dtype = x.scalar_type();
-  const Plan plan = choose_plan(s, dtype, false);
+  const Plan plan = choose_plan(s, dtype, false, training, w_hr.has_value());
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
 
   auto run = [&](auto acc_tag) {
