@@ -502,6 +502,9 @@ def onnxruntime_provider(case: Case) -> Built:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # Its own thread pool would otherwise spin after each run, taking the cores from the
+    # providers timed next (and theirs from it): on 2 cores that doubled everyone's times.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(buffer.getvalue(), options,
                                            providers=["CPUExecutionProvider"])
 
