@@ -577,7 +577,9 @@ void run_forward(ForwardPass<Acc>& f) {
   // The input projection of all steps at once, unless the step kernel does it.
   if (!plan.fuse_input && T * B > 0) {
     at::Tensor gates_2d = f.gates.view({-1, G});
-    if (is_half(f.dtype) && input_vnni) {  // AMX: oneDNN's brgemm for every path
+    // oneDNN's brgemm: for every path where it packs for AMX, else on the brgemm path
+    const bool brgemm_input = input_vnni || (!dot && brgemm && is_half(f.dtype));
+    if (brgemm_input) {
       const at::Tensor tiles = brgemm_tiles(f.w_ih, cache, input_vnni);
       const int64_t Kp = padded_inner(I, input_vnni);
       const at::Tensor x_padded =
@@ -599,19 +601,6 @@ void run_forward(ForwardPass<Acc>& f) {
       const int64_t blocks = (H + f.kernels->bf16_dot->lanes - 1) / f.kernels->bf16_dot->lanes;
       at::parallel_for(0, blocks, grain(4 * f.kernels->bf16_dot->lanes * I * T * B),
                        [&](int64_t u0, int64_t u1) { f.kernels->bf16_dot->gates_product(p, u0, u1); });
-    } else if (brgemm && is_half(f.dtype)) {  // oneDNN without packing
-      const at::Tensor tiles = brgemm_tiles(f.w_ih, cache, vnni);
-      const int64_t Kp = padded_inner(I, vnni);
-      const at::Tensor x_padded =
-          Kp == I ? f.x : at::constant_pad_nd(f.x.view({T * B, I}), {0, Kp - I}).contiguous();
-      const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
-      at::parallel_for(0, blocks, grain(kBrgemmCols * I * T * B), [&](int64_t u0, int64_t u1) {
-        std::vector<float> scratch(kBrgemmRows * kBrgemmCols);
-        brgemm_gates(*f.kernels, f.dtype, vnni, T * B, H, I, x_padded.data_ptr(), Kp, tiles,
-                     reinterpret_cast<float*>(gates_2d.data_ptr()), G, u0, u1, false,
-                     scratch.data());
-        brgemm_release(vnni);
-      });
     } else if (convert) {
       at::mm_out(gates_2d, x_operand.view({T * B, I}), float_copy(f.w_ih, cache).t());
     } else {
