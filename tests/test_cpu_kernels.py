@@ -66,12 +66,15 @@ def test_every_isa_and_path_matches_float64_reference(sizes, dtype, isa, path, r
 @pytest.mark.skipif("brgemm" not in PATHS, reason="this PyTorch has no brgemm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_brgemm_inference_updates_from_its_tiles(dtype, reverse):
-    """brgemm inference computes both products of each step into one tile and updates from it:
-    more rows than one tile holds (70 > 64), odd inner sizes (VNNI pads I and H), a partial
-    block of units, empty and short rows; every output element against the float64 reference
-    (float32) or against the brgemm training call (bfloat16, which keeps the pre-activations)."""
-    T, B, I, H = 3, 70, 19, 17
+@pytest.mark.parametrize("T,B,I,H", [(3, 70, 19, 17), (40, 9, 19, 200)],
+                         ids=["rows70", "chunks35+5"])
+def test_brgemm_inference_updates_from_its_tiles(T, B, I, H, dtype, reverse):
+    """brgemm inference projects the input part of a chunk of steps into tiles, adds each step's
+    recurrent product into them and updates from them: more rows than one product takes
+    (70 > 64), several chunks with a short last one (35 + 5 steps at B = 9, H = 200), odd
+    inner sizes (VNNI pads I and H), a partial block of units, empty and short rows; every
+    output element against the float64 reference (float32) or against the brgemm training call
+    (bfloat16, which keeps the pre-activations in the gate layout)."""
     inputs = make_inputs(T, B, I, H, dtype=dtype, lengths=lengths_for(T, B))
     args = [inputs[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
                                 "lengths")]

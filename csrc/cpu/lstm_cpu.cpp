@@ -176,9 +176,12 @@ struct Plan {
   Path path;
   Isa isa;
   Operands operands;
-  // The input part x_t W_ih^T inside the step kernel: a single step of the fused path, or every
-  // step of brgemm inference (both products into one tile, then the update from that tile).
+  // The input part x_t W_ih^T inside the step kernel (a single step of the fused path).
   bool fuse_input;
+  // brgemm inference: the pre-activations in oneDNN's tile layout [block][T * B][64], the input
+  // part of all steps first, then each step adds h_{t-1} W_hh^T into its tiles and updates from
+  // them (no [T, B, 4H] layout, no scatter).
+  bool tiles;
 };
 
 bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
@@ -212,10 +215,9 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool t
                      isa == Isa::kAvx512Bf16 && cpu::kernels_for(isa)->bf16_dot != nullptr;
     operands = dot ? Operands::kBf16Dot : Operands::kConvert;
   }
-  const bool fuse_input =
-      !backward && ((path == Path::kFused && s.seq_len == 1) ||
-                    (path == Path::kBrgemm && !training && !has_proj));
-  return {path, isa, operands, fuse_input};
+  const bool fuse_input = !backward && path == Path::kFused && s.seq_len == 1;
+  const bool tiles = !backward && path == Path::kBrgemm && !training && !has_proj;
+  return {path, isa, operands, fuse_input, tiles};
 }
 
 // ---- Cache of packed weights ----------------------------------------------------------------
@@ -399,6 +401,17 @@ constexpr int64_t kBrgemmRows = 64;                // M per product, at most
 
 int64_t padded_inner(int64_t k, bool vnni) { return vnni ? (k + 1) / 2 * 2 : k; }
 
+// Elements of each per-thread buffer kept between calls (see Scratch).
+constexpr int64_t kScratchKept = int64_t(1) << 18;
+
+// Steps of brgemm inference whose input parts are projected at once: as many as the kept
+// buffer holds (there the tiles stay in cache, and small calls allocate nothing).
+int64_t tile_chunk_steps(const LstmSizes& s) {
+  const int64_t blocks = (s.hidden_size + kBrgemmUnits - 1) / kBrgemmUnits;
+  const int64_t fit = kScratchKept / std::max<int64_t>(1, blocks * s.batch * kBrgemmCols);
+  return std::max<int64_t>(1, std::min(fit, s.seq_len));
+}
+
 // W [4H, K] as one B matrix [Kp, 64] per block of 16 units, its columns gate-major (q * 16 +
 // l), zeros past H and K, packed for oneDNN where it wants that (VNNI pairs for half types).
 at::Tensor brgemm_tiles(const at::Tensor& w, bool cache, bool vnni) {
@@ -575,7 +588,7 @@ void run_forward(ForwardPass<Acc>& f) {
   at::Tensor h_acc = convert ? at::empty({2, B, P}, acc_options) : at::Tensor();
 
   // The input projection of all steps at once, unless the step kernel does it.
-  if (!plan.fuse_input && T * B > 0) {
+  if (!plan.tiles && !plan.fuse_input && T * B > 0) {
     at::Tensor gates_2d = f.gates.view({-1, G});
     // oneDNN's brgemm: for every path where it packs for AMX, else on the brgemm path
     const bool brgemm_input = input_vnni || (!dot && brgemm && is_half(f.dtype));
@@ -623,22 +636,16 @@ void run_forward(ForwardPass<Acc>& f) {
   } else if (brgemm) {
     lanes = kBrgemmUnits;
     packed_hh = brgemm_tiles(f.w_hh, cache, vnni);
-    if (plan.fuse_input) packed_ih = brgemm_tiles(f.w_ih, cache, vnni);
+    if (plan.tiles) packed_ih = brgemm_tiles(f.w_ih, cache, vnni);
   } else {
     w_hh_gemm = convert ? float_copy(f.w_hh, cache).t() : f.w_hh.t();
   }
   const int64_t blocks = (H + lanes - 1) / lanes;
   const int64_t Pp = padded_inner(P, vnni);
   const bool pad_h = brgemm && Pp != P;  // oneDNN's VNNI layout needs an even K
-  // brgemm with the input part: x with a zero column where VNNI pads I, and the biases in the
-  // tiles' layout [block][gate][16].
-  const int64_t Ip = padded_inner(I, vnni);
-  const bool tile_update = brgemm && plan.fuse_input;
-  const at::Tensor x_tiles =
-      !tile_update || Ip == I ? f.x
-                              : at::constant_pad_nd(f.x.view({T * B, I}), {0, Ip - I}).contiguous();
-  std::vector<Acc> bias_tiles(tile_update ? blocks * kBrgemmCols : 0, Acc(0));
-  for (int64_t u = 0; tile_update && u < blocks; ++u) {
+  // The biases in the tiles' layout [block][gate][16].
+  std::vector<Acc> bias_tiles(plan.tiles ? blocks * kBrgemmCols : 0, Acc(0));
+  for (int64_t u = 0; plan.tiles && u < blocks; ++u) {
     for (int64_t q = 0; q < 4; ++q) {
       for (int64_t l = 0; l < kBrgemmUnits && u * kBrgemmUnits + l < H; ++l) {
         bias_tiles[u * kBrgemmCols + q * kBrgemmUnits + l] = f.bias[q * H + u * kBrgemmUnits + l];
@@ -735,12 +742,47 @@ void run_forward(ForwardPass<Acc>& f) {
   auto update_rows = [&](const Step& st, int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < B; ++b) ks.forward_update(st.update, b, j0, j1);
   };
-  // brgemm inference, blocks [u0, u1) of one step: x_t and h_{t-1} times their tiles into one
-  // output tile, then the update of each row straight from it (no [B, 4H] pre-activations).
-  auto tile_step = [&](const Step& st, int64_t u0, int64_t u1, std::vector<float>& scratch) {
-    const size_t weight_element = at::elementSize(f.dtype);
-    const char* x_t = static_cast<const char*>(x_tiles.data_ptr()) +
-                      st.order.t * B * Ip * weight_element;
+  // brgemm inference keeps the pre-activations of `chunk` steps as tiles [block][chunk][B][64].
+  // The steps n0 = n - n % chunk, ... take the times [t0, t0 + steps) (in reverse when reverse).
+  const int64_t chunk = plan.tiles ? tile_chunk_steps(s) : 1;
+  auto chunk_times = [&](int64_t n, int64_t& t0, int64_t& steps) {
+    const int64_t n0 = n - n % chunk;
+    steps = std::min(chunk, T - n0);
+    t0 = f.reverse ? T - n0 - steps : n0;
+  };
+  const int64_t Ip = padded_inner(I, vnni);
+  const at::Tensor x_tiles =
+      !plan.tiles || Ip == I ? f.x
+                             : at::constant_pad_nd(f.x.view({T * B, I}), {0, Ip - I}).contiguous();
+  const size_t weight_element = at::elementSize(f.dtype);
+  // x_t W_ih^T of the chunk that starts at step n, blocks [u0, u1), into its tiles.
+  auto project_chunk = [&](int64_t n, int64_t u0, int64_t u1) {
+    int64_t t0, steps;
+    chunk_times(n, t0, steps);
+    const int64_t rows = steps * B;
+    for (int64_t u = u0; u < u1; ++u) {
+      float* const out = reinterpret_cast<float*>(gates_data) + u * chunk * B * kBrgemmCols;
+      if (Ip == 0) {
+        std::fill(out, out + rows * kBrgemmCols, 0.0f);
+        continue;
+      }
+      const char* tile = static_cast<const char*>(packed_ih.data_ptr()) +
+                         u * Ip * kBrgemmCols * weight_element;
+      const char* x_rows =
+          static_cast<const char*>(x_tiles.data_ptr()) + t0 * B * Ip * weight_element;
+      for (int64_t r0 = 0; r0 < rows; r0 += kBrgemmRows) {
+        brgemm_tile(f.dtype, vnni, std::min(kBrgemmRows, rows - r0), Ip,
+                    x_rows + r0 * Ip * weight_element, Ip, tile, out + r0 * kBrgemmCols, false);
+      }
+    }
+  };
+  // brgemm inference, blocks [u0, u1) of step n: its input part projected with its chunk's, then
+  // h_{t-1} W_hh^T added into its tiles, then the update of each row straight from them.
+  auto tile_step = [&](int64_t n, const Step& st, int64_t u0, int64_t u1,
+                       std::vector<float>& scratch) {
+    if (n % chunk == 0) project_chunk(n, u0, u1);  // the thread's own blocks: no barrier needed
+    int64_t t0, steps;
+    chunk_times(n, t0, steps);
     const void* h = st.h_prev;
     if (pad_h) {  // h_{t-1} with a zero column
       auto* padded = reinterpret_cast<uint16_t*>(scratch.data() + kBrgemmRows * kBrgemmCols);
@@ -750,21 +792,17 @@ void run_forward(ForwardPass<Acc>& f) {
       }
       h = padded;
     }
-    float* const tile_out = scratch.data();
     for (int64_t u = u0; u < u1; ++u) {
-      const char* ih = static_cast<const char*>(packed_ih.data_ptr()) +
-                       u * Ip * kBrgemmCols * weight_element;
       const char* hh = static_cast<const char*>(packed_hh.data_ptr()) +
                        u * Pp * kBrgemmCols * weight_element;
+      float* const tiles = reinterpret_cast<float*>(gates_data) +
+                           (u * chunk + st.order.t - t0) * B * kBrgemmCols;
       const int64_t unit0 = u * kBrgemmUnits, units = std::min(kBrgemmUnits, H - unit0);
       for (int64_t r0 = 0; r0 < B; r0 += kBrgemmRows) {
         const int64_t m = std::min(kBrgemmRows, B - r0);
-        if (Ip > 0) {
-          brgemm_tile(f.dtype, vnni, m, Ip, x_t + r0 * Ip * weight_element, Ip, ih, tile_out,
-                      false);
-        }
+        float* const tile_out = tiles + r0 * kBrgemmCols;
         brgemm_tile(f.dtype, vnni, m, Pp, static_cast<const char*>(h) + r0 * Pp * element, Pp,
-                    hh, tile_out, Ip > 0);
+                    hh, tile_out, true);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t b = r0 + r;
           // Row b's units [unit0, unit0 + units) as a row of 16 units whose gates are the tile's.
@@ -799,8 +837,8 @@ void run_forward(ForwardPass<Acc>& f) {
             scratch.resize(scratch_size());
           }
           const Step st = step_at(n);
-          if (tile_update) {
-            tile_step(st, u0, u1, scratch);
+          if (plan.tiles) {
+            tile_step(n, st, u0, u1, scratch);
             return;
           }
           products(st, u0, u1, scratch);
@@ -859,7 +897,7 @@ void check_cpu_dtype(const at::Tensor& x) {
 // that small calls allocate nothing.
 template <typename Acc>
 struct Scratch {
-  static constexpr int64_t kMaxKept = int64_t(1) << 18;  // elements per buffer
+  static constexpr int64_t kMaxKept = kScratchKept;
   std::vector<Acc> kept[2];
   // Buffer `which` of at least size elements, or nullptr if that is more than is kept.
   Acc* get(int which, int64_t size) {
@@ -949,7 +987,15 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
       f.cells_data = cells.template data_ptr<Acc>();
     }
     f.gates_data = !training && plan.fuse_input ? scratch.get(1, B * 4 * H) : nullptr;
-    if (!f.gates_data) {
+    if (plan.tiles) {  // [block][chunk][B][64]
+      const int64_t size = (H + kBrgemmUnits - 1) / kBrgemmUnits * tile_chunk_steps(s) * B *
+                           kBrgemmCols;
+      f.gates_data = scratch.get(1, size);
+      if (!f.gates_data) {
+        gates = at::empty({size}, acc_options);
+        f.gates_data = gates.template data_ptr<Acc>();
+      }
+    } else if (!f.gates_data) {
       gates = at::empty({T, B, 4 * H}, acc_options);
       f.gates_data = gates.template data_ptr<Acc>();
     }
