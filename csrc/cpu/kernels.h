@@ -74,7 +74,8 @@ struct ForwardUpdate {
 // The backward update of one row's units [j0, j1): dL/d(o tanh c_t) = grad_hidden (+
 // grad_hidden_extra), then the pre-activation gate gradients, dL/dc_{t-1} and, when hidden_out is
 // given, o tanh(c_t). A row past the end of its sequence passes dL/dc through and gets zero gate
-// gradients (and zero hidden).
+// gradients (and zero hidden). With grad_gates_copy, the gate gradients also go there, rounded
+// to copy_dtype (the operand of the half-type products that follow).
 template <typename Acc>
 struct BackwardUpdate {
   int64_t hidden;
@@ -90,6 +91,8 @@ struct BackwardUpdate {
   Acc* hidden_out;               // [B, H] o tanh(c_t), or nullptr
   const int64_t* lengths;
   int64_t t;
+  void* grad_gates_copy;         // [B, 4H] of copy_dtype, or nullptr
+  DType copy_dtype;
 };
 
 // grad_h[r, c] = sum_n grad_gates[r, n] * W[n, c] (n < G = 4H) for rows r < rows and column

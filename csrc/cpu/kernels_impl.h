@@ -445,8 +445,36 @@ LSTM_FUSED_INLINE void backward_row(int64_t H, int64_t j0, int64_t j1, const T* 
   }
 }
 
+// Row b's gate gradients, units [j0, j1) of each gate, rounded into grad_gates_copy.
+template <typename T, typename Out>
+LSTM_FUSED_INLINE void copy_grad_gates(const BackwardUpdate<T>& s, int64_t b, int64_t j0,
+                                       int64_t j1) {
+  const int64_t H = s.hidden;
+  const T* __restrict from = s.grad_gates + b * 4 * H;
+  auto* __restrict to = static_cast<typename Storage<Out>::Type*>(s.grad_gates_copy) + b * 4 * H;
+  for (int64_t q = 0; q < 4; ++q) {
+    for (int64_t j = q * H + j0; j < q * H + j1; ++j) to[j] = Storage<Out>::store(from[j]);
+  }
+}
+
+template <typename T>
+void backward_update_row(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1);
+
 template <typename T>
 void backward_update(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  backward_update_row(s, b, j0, j1);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    if (s.grad_gates_copy == nullptr) return;
+    switch (s.copy_dtype) {
+      case DType::kBFloat16: return copy_grad_gates<T, Bfloat16>(s, b, j0, j1);
+      case DType::kHalf: return copy_grad_gates<T, Float16>(s, b, j0, j1);
+      default: return copy_grad_gates<T, float>(s, b, j0, j1);
+    }
+  }
+}
+
+template <typename T>
+void backward_update_row(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.hidden;
   T* const grad_gates = s.grad_gates + b * 4 * H;
   T* const hidden = s.hidden_out ? s.hidden_out + b * H : nullptr;

@@ -52,7 +52,8 @@ using cpu::Isa;
 // How each step's recurrent product is computed:
 //   fused:  our register-blocked kernels, each thread owning blocks of hidden units;
 //   brgemm: oneDNN's brgemm micro-kernel (AMX for bfloat16 where the CPU has it) per block of
-//           16 units, then our fused update on the same block;
+//           16 units, then our fused update on the same block; backward, our fused update,
+//           then dh_{t-1} by brgemm per block of 64 columns;
 //   gemm:   one BLAS GEMM per step, then the fused elementwise pass.
 enum class Path : int { kAuto = 0, kFused, kBrgemm, kGemm };
 constexpr const char* kPathNames[] = {"auto", "fused", "brgemm", "gemm"};
@@ -205,8 +206,8 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool t
       path = Path::kFused;
     }
   }
-  // brgemm has no float64, and the backward pass has no brgemm product.
-  if (path == Path::kBrgemm && (!LSTM_FUSED_HAVE_BRGEMM || dtype == at::kDouble || backward)) {
+  // brgemm has no float64.
+  if (path == Path::kBrgemm && (!LSTM_FUSED_HAVE_BRGEMM || dtype == at::kDouble)) {
     path = Path::kFused;
   }
   Operands operands = Operands::kSame;
@@ -223,7 +224,7 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool t
 // ---- Cache of packed weights ----------------------------------------------------------------
 
 // Packed forms of a weight.
-enum class Layout : int { kGates, kBf16Gates, kColumns, kFloatCopy, kBrgemmTiles };
+enum class Layout : int { kGates, kBf16Gates, kColumns, kFloatCopy, kBrgemmTiles, kBrgemmColumns };
 
 // Inference calls keep packed copies of their weights, used while the weight is unchanged: its
 // version counter (bumped by in-place updates: optimizer steps, load_state_dict, copy_ under
@@ -431,6 +432,32 @@ at::Tensor brgemm_tiles(const at::Tensor& w, bool cache, bool vnni) {
                                 w.scalar_type(), static_cast<const char*>(tiles.data_ptr()) +
                                                      u * tile * w.element_size(),
                                 static_cast<char*>(out.data_ptr()) + u * tile * w.element_size());
+    }
+    return out;
+#else
+    return tiles;
+#endif
+  });
+}
+
+// W [4H, P] as one B matrix [4H, 64] per block of 64 columns, zeros past P, packed for oneDNN
+// where it wants that: the hidden-state gradient's dh_{t-1} = grad_gates_t W (4H is even).
+at::Tensor brgemm_columns(const at::Tensor& w, bool vnni) {
+  return packed_weight(w, false, Layout::kBrgemmColumns, vnni, [&] {
+    const int64_t G = w.size(0), P = w.size(1);
+    const int64_t blocks = (P + kBrgemmCols - 1) / kBrgemmCols;
+    at::Tensor padded = at::zeros({G, blocks * kBrgemmCols}, w.options());
+    padded.narrow(1, 0, P).copy_(w);
+    // [block][n][64]
+    at::Tensor tiles = padded.view({G, blocks, kBrgemmCols}).permute({1, 0, 2}).contiguous();
+    if (!vnni) return tiles;
+#if LSTM_FUSED_HAVE_BRGEMM
+    at::Tensor out = at::empty_like(tiles);
+    const int64_t tile = G * kBrgemmCols * w.element_size();
+    for (int64_t c = 0; c < blocks; ++c) {
+      at::native::cpublas::pack(G, kBrgemmCols, kBrgemmCols, kBrgemmCols, w.scalar_type(),
+                                w.scalar_type(), static_cast<const char*>(tiles.data_ptr()) + c * tile,
+                                static_cast<char*>(out.data_ptr()) + c * tile);
     }
     return out;
 #else
@@ -1033,13 +1060,23 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
                     const at::Tensor& c0, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& w_hr, const at::Tensor& gates,
                     const at::Tensor& cells, const int64_t* lengths, bool reverse,
-                    at::Tensor& grad_gates, at::Tensor& grad_proj_out, at::Tensor& hidden_all) {
+                    at::Tensor& grad_gates, at::Tensor& grad_gates_half, at::Tensor& grad_proj_out,
+                    at::Tensor& hidden_all) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const cpu::KernelSet<Acc>& ks = kernel_set<Acc>(kernels);
   const bool has_proj = w_hr.has_value();
   const bool fused = plan.path != Path::kGemm;
+  const bool brgemm = plan.path == Path::kBrgemm;
+  TORCH_INTERNAL_ASSERT(!brgemm || sizeof(Acc) == sizeof(float), "brgemm has no float64");
+  const at::ScalarType dtype = w_hh.scalar_type();
+  const bool vnni = brgemm && brgemm_packs(dtype);
+  // Half types: each step's gate gradients in float32 in grad_gates [1, B, 4H], rounded into
+  // grad_gates_half [T, B, 4H], the operand of the products that follow.
+  const bool half = grad_gates_half.defined();
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, grad_h.options()) : at::Tensor();
-  const at::Tensor w_packed = fused ? packed_columns<Acc>(w_hh, false, ks) : at::Tensor();
+  const at::Tensor w_packed =
+      brgemm ? brgemm_columns(w_hh, vnni)
+             : (fused ? packed_columns<Acc>(w_hh, false, ks) : at::Tensor());
   const at::Tensor w_hh_acc =
       fused ? at::Tensor() : (is_half(w_hh.scalar_type()) ? float_copy(w_hh, false) : w_hh);
   const at::Tensor w_hr_acc = has_proj ? w_hr->to(acc_scalar_type<Acc>()) : at::Tensor();
@@ -1053,6 +1090,9 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
   const Acc* const cells_data = cells.data_ptr<Acc>();
   const Acc* const c0_data = c0.data_ptr<Acc>();
   Acc* const grad_gates_data = grad_gates.data_ptr<Acc>();
+  char* const grad_gates_half_data =
+      half ? static_cast<char*>(grad_gates_half.data_ptr()) : nullptr;
+  const size_t half_element = half ? grad_gates_half.element_size() : 0;
   Acc* const hidden_data = has_proj ? hidden_all.data_ptr<Acc>() : nullptr;
   Acc* const grad_hidden_data = has_proj ? grad_hidden.data_ptr<Acc>() : nullptr;
   struct Step {
@@ -1080,11 +1120,13 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
     u.grad_hidden_stride = has_proj ? H : P;
     u.grad_hidden_extra = has_proj ? nullptr : st.grad_h;
     u.grad_c_next = grad_c_buffers[o.in];
-    u.grad_gates = grad_gates_data + o.t * B * 4 * H;
+    u.grad_gates = grad_gates_data + (half ? 0 : o.t) * B * 4 * H;
     u.grad_c_prev = grad_c_buffers[o.out];
     u.hidden_out = has_proj ? hidden_data + o.t * B * H : nullptr;
     u.lengths = lengths;
     u.t = o.t;
+    u.grad_gates_copy = half ? grad_gates_half_data + o.t * B * 4 * H * half_element : nullptr;
+    u.copy_dtype = kernel_dtype(dtype);
     return st;
   };
   // Past the end of sequence b the state was carried: so is its gradient.
@@ -1094,11 +1136,34 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
       st.grad_h_prev[b * P + j] = st.grad_y[b * P + j] + st.grad_h[b * P + j];
     }
   };
-  const int64_t L4 = 4 * ks.lanes;
+  const int64_t L4 = brgemm ? kBrgemmCols : 4 * ks.lanes;
   const int64_t blocks = (P + L4 - 1) / L4;
-  const Acc* w = fused ? w_packed.data_ptr<Acc>() : nullptr;
+  // dh_{t-1} = grad_gates_t W_hh for column blocks [c0_, c1_).
   auto hidden_grad = [&](const Step& st, int64_t c0_, int64_t c1_) {
-    ks.hidden_grad({B, 4 * H, P, st.update.grad_gates, w, st.grad_h_prev}, c0_, c1_);
+    if (!brgemm) {
+      ks.hidden_grad({B, 4 * H, P, st.update.grad_gates, w_packed.data_ptr<Acc>(),
+                      st.grad_h_prev}, c0_, c1_);
+      return;
+    }
+    thread_local std::vector<float> tile(kBrgemmRows * kBrgemmCols);
+    const int64_t G = 4 * H;
+    const size_t element = half ? half_element : sizeof(Acc);
+    const char* a = half ? static_cast<const char*>(st.update.grad_gates_copy)
+                         : reinterpret_cast<const char*>(st.update.grad_gates);
+    for (int64_t c = c0_; c < c1_; ++c) {
+      const char* w = static_cast<const char*>(w_packed.data_ptr()) +
+                      c * G * kBrgemmCols * w_packed.element_size();
+      const int64_t col0 = c * kBrgemmCols, cols = std::min(kBrgemmCols, P - col0);
+      for (int64_t r0 = 0; r0 < B; r0 += kBrgemmRows) {
+        const int64_t m = std::min(kBrgemmRows, B - r0);
+        brgemm_tile(half ? dtype : at::kFloat, vnni, m, G, a + r0 * G * element, G, w,
+                    tile.data(), false);
+        for (int64_t r = 0; r < m; ++r) {
+          std::memcpy(st.grad_h_prev + (r0 + r) * P + col0, tile.data() + r * kBrgemmCols,
+                      sizeof(float) * cols);
+        }
+      }
+    }
   };
   if (fused && !has_proj) {  // the whole sequence in one parallel region
     std::vector<int64_t> phases = {H, blocks};  // gate gradients by unit, dh_{t-1} by column
@@ -1115,7 +1180,9 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
             for (int64_t b = lo; b < hi; ++b) carry(st, b);
           }
         },
-        [] {});
+        [&] {
+          if (brgemm) brgemm_release(vnni);
+        });
   } else {
     for (int64_t n = 0; n < T; ++n) {
       const Step st = step_at(n);
@@ -1130,13 +1197,14 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
         });
         at::parallel_for(0, blocks, grain(4 * H * L4 * B), [&](int64_t first, int64_t last) {
           hidden_grad(st, first, last);
+          if (brgemm) brgemm_release(vnni);
         });
       } else {
         at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) ks.backward_update(st.update, b, 0, H);
         });
         at::Tensor grad_h_prev = st.order.out ? grad_h_other : grad_h;
-        at::mm_out(grad_h_prev, grad_gates.select(0, st.order.t), w_hh_acc);
+        at::mm_out(grad_h_prev, grad_gates.select(0, half ? 0 : st.order.t), w_hh_acc);
       }
       for (int64_t b = 0; b < B; ++b) carry(st, b);
     }
@@ -1164,7 +1232,9 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = x.options().dtype(acc_type);
 
-  at::Tensor grad_gates = at::empty({T, B, 4 * H}, acc_options);
+  // Half types keep only each step's gate gradients in float32 (see backward_steps).
+  at::Tensor grad_gates = at::empty({is_half(dtype) ? 1 : T, B, 4 * H}, acc_options);
+  at::Tensor grad_gates_half = is_half(dtype) ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
   at::Tensor grad_proj_out = has_proj ? at::empty({T, B, P}, acc_options) : at::Tensor();
   at::Tensor hidden_all = has_proj ? at::empty({T, B, H}, acc_options) : at::Tensor();
   at::Tensor grad_h = grad_h_n.to(acc_options, false, true).contiguous();
@@ -1178,7 +1248,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
     backward_steps<Acc>(s, plan, kernels, grad_y.to(acc_options).contiguous(), grad_h, grad_c,
                         c0.to(acc_options).contiguous(), w_hh, w_hr,
                         gates.contiguous(), cells.contiguous(), lengths_data, reverse,
-                        grad_gates, grad_proj_out, hidden_all);
+                        grad_gates, grad_gates_half, grad_proj_out, hidden_all);
   };
   if (T > 0 && B > 0) {
     if (acc_type == at::kDouble) {
@@ -1192,7 +1262,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                                 grad_c, reverse, has_bias);
   }
   // The GEMMs over all steps in the half type (float32 sums inside), as nn.LSTM's.
-  return gradients_over_steps(s, grad_gates.to(dtype), x, h0, w_ih, y,
+  return gradients_over_steps(s, grad_gates_half, x, h0, w_ih, y,
                               has_proj ? grad_proj_out.to(dtype) : at::Tensor(),
                               has_proj ? hidden_all.to(dtype) : at::Tensor(), grad_h.to(dtype),
                               grad_c.to(dtype), reverse, has_bias);
