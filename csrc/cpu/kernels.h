@@ -48,15 +48,18 @@ struct GatesProduct {
 };
 
 // The forward update of one row's units [j0, j1): from the pre-activations without bias in
-// gates (the activated gates written back when keep_gates), c_t = f c_{t-1} + i g and o tanh(c_t) into hidden_out (dtype
-// hidden_dtype) and, when given, into hidden_acc as Acc (the same values, rounded to hidden_dtype).
+// gates (the activated gates written to kept_gates when given, gate q of unit j of row b at
+// kept_gates[b * 4 * kept_stride + q * kept_stride + j]), c_t = f c_{t-1} + i g and o tanh(c_t)
+// into hidden_out (dtype hidden_dtype) and, when given, into hidden_acc as Acc (the same values,
+// rounded to hidden_dtype).
 // A row past the end of its sequence (t >= lengths[row]) carries c_{t-1} and, when h_prev is
 // given, h_{t-1} instead.
 template <typename Acc>
 struct ForwardUpdate {
   int64_t hidden;
-  Acc* gates;          // [B, 4H]
-  bool keep_gates;     // training: backward reads the activated gates
+  const Acc* gates;    // [B, 4H]
+  Acc* kept_gates;     // training: backward reads the activated gates; or nullptr
+  int64_t kept_stride;
   const Acc* bias;     // [4H]: b_ih + b_hh (zeros without bias)
   const Acc* c_prev;   // [B, H]
   Acc* c_next;         // [B, H]
@@ -132,12 +135,34 @@ struct Bfloat16Dot {
 using GateTileFn = void (*)(const float* tile, int64_t rows, int64_t hidden, int64_t unit0,
                             int64_t units, float* out, int64_t ldo, bool accumulate);
 
+// The forward update of one block of 16 units for rows r < rows, straight from oneDNN's output
+// tile (row r: the pre-activations of gate q, unit l at tile[r * 64 + q * 16 + l], bias not yet
+// added), as ForwardUpdate does for units [unit0, unit0 + units) of the rows row0 + r: c_t into
+// c_next, o tanh(c_t) into hidden_out, the activated gates into kept_gates when given. The
+// other arrays are indexed as in ForwardUpdate, by batch row and unit.
+struct TileUpdate {
+  const float* tile;        // [rows][64]
+  int64_t rows, row0, hidden, unit0, units;
+  const float* bias;        // [64]: b_ih + b_hh of the block, as the tile's columns
+  const float* c_prev;      // [B, hidden]
+  float* c_next;            // [B, hidden]
+  void* hidden_out;         // [B, hidden_out_stride] of hidden_dtype
+  int64_t hidden_out_stride;
+  DType hidden_dtype;
+  float* kept_gates;        // [B, 4 * hidden] or nullptr
+  const int64_t* lengths;   // [B] or nullptr: rows with t >= lengths carry their state
+  int64_t t;
+  const void* h_prev;       // [B, hidden_out_stride] of hidden_dtype
+};
+using TileUpdateFn = void (*)(const TileUpdate& s);
+
 struct Kernels {
   Isa isa;
   KernelSet<float> f32;
   KernelSet<double> f64;
   const Bfloat16Dot* bf16_dot;  // nullptr without AVX512-BF16
   GateTileFn gate_tile;
+  TileUpdateFn tile_update;
 };
 
 // The kernels for isa (nullptr if this build has none).

@@ -15,7 +15,7 @@ constexpr int kVectorBytes = 32;
 constexpr int kTileRows = 3;
 #include "kernels_impl.h"
 const Kernels kTable{Isa::kAvx2, kernel_set<float>(), kernel_set<double>(), nullptr,
-                     &gate_tile};
+                     &gate_tile, &tile_update};
 }  // namespace avx2
 #pragma GCC pop_options
 

@@ -16,7 +16,7 @@ constexpr int kVectorBytes = 64;
 constexpr int kTileRows = 6;
 #include "kernels_impl.h"
 const Kernels kTable{Isa::kAvx512, kernel_set<float>(), kernel_set<double>(), nullptr,
-                     &gate_tile};
+                     &gate_tile, &tile_update};
 }  // namespace avx512
 #pragma GCC pop_options
 

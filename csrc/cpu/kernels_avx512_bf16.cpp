@@ -137,7 +137,7 @@ const Bfloat16Dot kDot{kLanes, &pack_gates, &gates_product};
 const Kernels* avx512_bf16_kernels() {
   const Kernels* base = avx512_kernels();
   static const Kernels table{Isa::kAvx512Bf16, base->f32, base->f64, &avx512_bf16::kDot,
-                             base->gate_tile};
+                             base->gate_tile, base->tile_update};
   return &table;
 }
 

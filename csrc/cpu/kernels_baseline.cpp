@@ -11,7 +11,7 @@ constexpr int kVectorBytes = 16;
 constexpr int kTileRows = 3;
 #include "kernels_impl.h"
 const Kernels kTable{Isa::kBaseline, kernel_set<float>(), kernel_set<double>(), nullptr,
-                     &gate_tile};
+                     &gate_tile, &tile_update};
 }  // namespace baseline
 
 const Kernels* baseline_kernels() { return &baseline::kTable; }

@@ -353,11 +353,18 @@ void hidden_grad(const HiddenGrad<T>& s, int64_t c0, int64_t c1) {
 // ---- Elementwise updates --------------------------------------------------------------------
 
 template <typename Acc, typename Out, bool kWriteAcc, bool kKeepGates>
-LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __restrict gates,
+// kept may be gates (written in place): neither is __restrict, and ivdep says that no iteration
+// reads what another writes.
+LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, const Acc* gates,
                                    const Acc* __restrict bias, const Acc* __restrict c_prev,
                                    Acc* __restrict c_next,
                                    typename Storage<Out>::Type* __restrict hidden,
-                                   Acc* __restrict hidden_acc) {
+                                   Acc* __restrict hidden_acc, Acc* kept, int64_t KH) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC ivdep
+#elif defined(__clang__)
+#pragma clang loop vectorize(assume_safety)
+#endif
   for (int64_t j = j0; j < j1; ++j) {
     const Acc i = sigmoid_(gates[j] + bias[j]);
     const Acc f = sigmoid_(gates[H + j] + bias[H + j]);
@@ -365,10 +372,10 @@ LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __res
     const Acc o = sigmoid_(gates[3 * H + j] + bias[3 * H + j]);
     const Acc c = f * c_prev[j] + i * g;
     if (kKeepGates) {
-      gates[j] = i;
-      gates[H + j] = f;
-      gates[2 * H + j] = g;
-      gates[3 * H + j] = o;
+      kept[j] = i;
+      kept[KH + j] = f;
+      kept[2 * KH + j] = g;
+      kept[3 * KH + j] = o;
     }
     c_next[j] = c;
     const auto h = Storage<Out>::store(o * tanh_(c));
@@ -396,17 +403,23 @@ LSTM_FUSED_INLINE void forward_update_as(const ForwardUpdate<Acc>& s, int64_t b,
     }
     return;
   }
-  Acc* const gates = s.gates + b * 4 * H;
+  const Acc* const gates = s.gates + b * 4 * H;
   const Acc* const c_prev = s.c_prev + b * H;
   Acc* const c_next = s.c_next + b * H;
-  if (out_acc && s.keep_gates) {
-    forward_row<Acc, Out, true, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc);
+  Acc* const kept = s.kept_gates ? s.kept_gates + b * 4 * s.kept_stride : nullptr;
+  const int64_t KH = s.kept_stride;
+  if (out_acc && kept) {
+    forward_row<Acc, Out, true, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc,
+                                      kept, KH);
   } else if (out_acc) {
-    forward_row<Acc, Out, true, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc);
-  } else if (s.keep_gates) {
-    forward_row<Acc, Out, false, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr);
+    forward_row<Acc, Out, true, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc,
+                                       kept, KH);
+  } else if (kept) {
+    forward_row<Acc, Out, false, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr,
+                                       kept, KH);
   } else {
-    forward_row<Acc, Out, false, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr);
+    forward_row<Acc, Out, false, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr,
+                                        kept, KH);
   }
 }
 
@@ -523,6 +536,130 @@ void gate_tile(const float* __restrict tile, int64_t rows, int64_t H, int64_t un
       }
     }
   }
+}
+
+// exp_, sigmoid_ and tanh_ on vectors of float, with the same arithmetic lane by lane.
+template <typename V>
+LSTM_FUSED_INLINE V exp_v(V x) {
+  typedef int32_t I __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename V>
+LSTM_FUSED_INLINE V sigmoid_v(V x) {
+  return 1.0f / (1.0f + exp_v(V{} - x));
+}
+
+template <typename V>
+LSTM_FUSED_INLINE V tanh_v(V x) {
+  const V ax = x < 0.0f ? V{} - x : x;
+  const V z = x * x;
+  V p = V{} - 5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V near_zero = x + x * z * p;
+  const V e = exp_v(-2.0f * ax);
+  const V magnitude = (1.0f - e) / (1.0f + e);
+  const V far = x < 0.0f ? V{} - magnitude : magnitude;
+  return ax < 0.625f ? near_zero : far;
+}
+
+// n of the 16 units of a block: a constant size in the common case of a whole block, so that
+// the copy is inlined.
+template <typename T>
+LSTM_FUSED_INLINE void copy_units(T* to, const T* from, int64_t n) {
+  if (n == 16) {
+    std::memcpy(to, from, sizeof(T) * 16);
+  } else {
+    std::memcpy(to, from, sizeof(T) * n);
+  }
+}
+
+// The 16 units of a tile row in vectors of L floats.
+template <typename Out, bool kKeepGates>
+LSTM_FUSED_INLINE void tile_update_as(const TileUpdate& s) {
+  using V = typename Simd<float>::V;
+  constexpr int64_t L = Simd<float>::kLanes;
+  using Stored = typename Storage<Out>::Type;
+  constexpr int64_t U = 16;
+  constexpr int64_t N = U / L;  // vectors per gate
+  const int64_t H = s.hidden;
+  V bias[4][N];
+  for (int64_t q = 0; q < 4; ++q) {
+    for (int64_t v = 0; v < N; ++v) bias[q][v] = load<V>(s.bias + q * U + v * L);
+  }
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const int64_t b = s.row0 + r;
+    const float* c_prev = s.c_prev + b * H + s.unit0;
+    float* c_next = s.c_next + b * H + s.unit0;
+    Stored* out = static_cast<Stored*>(s.hidden_out) + b * s.hidden_out_stride + s.unit0;
+    if (s.lengths && s.t >= s.lengths[b]) {  // past the end of the sequence: carry the state
+      copy_units(c_next, c_prev, s.units);
+      copy_units(out, static_cast<const Stored*>(s.h_prev) + b * s.hidden_out_stride + s.unit0,
+                 s.units);
+      continue;
+    }
+    // All 16 lanes are computed (the tile and the bias hold zeros past the block's units); only
+    // `units` of them are stored.
+    const float* g = s.tile + r * 4 * U;
+    float c_old[U] = {}, c_new[U], h[U], act[4][U];
+    copy_units(c_old, c_prev, s.units);
+    for (int64_t v = 0; v < N; ++v) {
+      const V i = sigmoid_v(load<V>(g + v * L) + bias[0][v]);
+      const V f = sigmoid_v(load<V>(g + U + v * L) + bias[1][v]);
+      const V z = tanh_v(load<V>(g + 2 * U + v * L) + bias[2][v]);
+      const V o = sigmoid_v(load<V>(g + 3 * U + v * L) + bias[3][v]);
+      const V c = f * load<V>(c_old + v * L) + i * z;
+      store(c_new + v * L, c);
+      store(h + v * L, o * tanh_v(c));
+      if (kKeepGates) {
+        store(act[0] + v * L, i);
+        store(act[1] + v * L, f);
+        store(act[2] + v * L, z);
+        store(act[3] + v * L, o);
+      }
+    }
+    Stored h_out[U];
+    for (int64_t l = 0; l < U; ++l) h_out[l] = Storage<Out>::store(h[l]);
+    copy_units(c_next, c_new, s.units);
+    copy_units(out, h_out, s.units);
+    if (kKeepGates) {
+      float* kept = s.kept_gates + b * 4 * H + s.unit0;
+      for (int64_t q = 0; q < 4; ++q) copy_units(kept + q * H, act[q], s.units);
+    }
+  }
+}
+
+template <bool kKeepGates>
+LSTM_FUSED_INLINE void tile_update_keeping(const TileUpdate& s) {
+  switch (s.hidden_dtype) {
+    case DType::kBFloat16: return tile_update_as<Bfloat16, kKeepGates>(s);
+    case DType::kHalf: return tile_update_as<Float16, kKeepGates>(s);
+    default: return tile_update_as<float, kKeepGates>(s);
+  }
+}
+
+void tile_update(const TileUpdate& s) {
+  if (s.kept_gates) return tile_update_keeping<true>(s);
+  tile_update_keeping<false>(s);
 }
 
 template <typename T>

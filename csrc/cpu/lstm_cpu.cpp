@@ -179,9 +179,9 @@ struct Plan {
   Operands operands;
   // The input part x_t W_ih^T inside the step kernel (a single step of the fused path).
   bool fuse_input;
-  // brgemm inference: the pre-activations in oneDNN's tile layout [block][T * B][64], the input
-  // part of all steps first, then each step adds h_{t-1} W_hh^T into its tiles and updates from
-  // them (no [T, B, 4H] layout, no scatter).
+  // brgemm forward: the pre-activations of a chunk of steps in oneDNN's tile layout
+  // [block][chunk][B][64], their input part first, then each step adds h_{t-1} W_hh^T into its
+  // tiles and updates from them (no scatter into the gate layout).
   bool tiles;
 };
 
@@ -217,7 +217,7 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool t
     operands = dot ? Operands::kBf16Dot : Operands::kConvert;
   }
   const bool fuse_input = !backward && path == Path::kFused && s.seq_len == 1;
-  const bool tiles = !backward && path == Path::kBrgemm && !training && !has_proj;
+  const bool tiles = !backward && path == Path::kBrgemm && !has_proj;
   return {path, isa, operands, fuse_input, tiles};
 }
 
@@ -586,7 +586,9 @@ struct ForwardPass {
   std::optional<at::Tensor> w_hr;
   at::Tensor y;                  // [T, B, P]
   at::Tensor gates;              // [T, B, 4H] of Acc, where a tensor is needed
-  Acc* gates_data;               // gates, or [B, 4H] of scratch for a single inference step
+  Acc* gates_data;               // gates, or [B, 4H] of scratch for a single inference step, or
+                                 // the tiles of brgemm
+  Acc* kept_gates;               // training: the activated gates [T, B, 4H] (gates), else null
   Acc* cells_data;               // [T, B, H] when training, else [2, B, H] used in turn
   at::Tensor c0;                 // [B, H] of Acc
   std::vector<Acc> bias;         // [4H]: b_ih + b_hh
@@ -714,7 +716,8 @@ void run_forward(ForwardPass<Acc>& f) {
     cpu::ForwardUpdate<Acc>& u = st.update;
     u.hidden = H;
     u.gates = st.gates;
-    u.keep_gates = f.training;
+    u.kept_gates = f.kept_gates ? f.kept_gates + o.t * B * G : nullptr;
+    u.kept_stride = H;
     u.bias = f.bias.data();
     u.c_prev = o.first ? c0_data : cells_data + o.slot_prev * B * H;
     u.c_next = cells_data + o.slot * B * H;
@@ -830,23 +833,24 @@ void run_forward(ForwardPass<Acc>& f) {
         float* const tile_out = tiles + r0 * kBrgemmCols;
         brgemm_tile(f.dtype, vnni, m, Pp, static_cast<const char*>(h) + r0 * Pp * element, Pp,
                     hh, tile_out, true);
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t b = r0 + r;
-          // Row b's units [unit0, unit0 + units) as a row of 16 units whose gates are the tile's.
-          cpu::ForwardUpdate<Acc> row = st.update;
-          row.hidden = kBrgemmUnits;
-          row.gates = reinterpret_cast<Acc*>(tile_out + r * kBrgemmCols);
-          row.bias = bias_tiles.data() + u * kBrgemmCols;
-          row.c_prev = st.update.c_prev + b * H + unit0;
-          row.c_next = st.update.c_next + b * H + unit0;
-          row.hidden_out = static_cast<char*>(st.update.hidden_out) +
-                           (b * st.update.hidden_out_stride + unit0) * element;
-          row.lengths = st.update.lengths ? st.update.lengths + b : nullptr;
-          row.h_prev = st.update.h_prev ? static_cast<const char*>(st.update.h_prev) +
-                                              (b * st.update.hidden_out_stride + unit0) * element
-                                        : nullptr;
-          ks.forward_update(row, 0, 0, units);
-        }
+        cpu::TileUpdate update;
+        update.tile = tile_out;
+        update.rows = m;
+        update.row0 = r0;
+        update.hidden = H;
+        update.unit0 = unit0;
+        update.units = units;
+        update.bias = reinterpret_cast<const float*>(bias_tiles.data() + u * kBrgemmCols);
+        update.c_prev = reinterpret_cast<const float*>(st.update.c_prev);
+        update.c_next = reinterpret_cast<float*>(st.update.c_next);
+        update.hidden_out = st.update.hidden_out;
+        update.hidden_out_stride = st.update.hidden_out_stride;
+        update.hidden_dtype = st.update.hidden_dtype;
+        update.kept_gates = reinterpret_cast<float*>(st.update.kept_gates);
+        update.lengths = st.update.lengths;
+        update.t = st.update.t;
+        update.h_prev = st.update.h_prev;
+        f.kernels->tile_update(update);
       }
     }
   };
@@ -1013,18 +1017,24 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
       cells = at::empty({training ? T : 2, B, H}, acc_options);
       f.cells_data = cells.template data_ptr<Acc>();
     }
-    f.gates_data = !training && plan.fuse_input ? scratch.get(1, B * 4 * H) : nullptr;
+    at::Tensor tiles;
+    f.gates_data = nullptr;
     if (plan.tiles) {  // [block][chunk][B][64]
       const int64_t size = (H + kBrgemmUnits - 1) / kBrgemmUnits * tile_chunk_steps(s) * B *
                            kBrgemmCols;
       f.gates_data = scratch.get(1, size);
       if (!f.gates_data) {
-        gates = at::empty({size}, acc_options);
-        f.gates_data = gates.template data_ptr<Acc>();
+        tiles = at::empty({size}, acc_options);
+        f.gates_data = tiles.template data_ptr<Acc>();
       }
-    } else if (!f.gates_data) {
+    } else if (!training && plan.fuse_input) {
+      f.gates_data = scratch.get(1, B * 4 * H);
+    }
+    f.kept_gates = nullptr;
+    if (training || !f.gates_data) {
       gates = at::empty({T, B, 4 * H}, acc_options);
-      f.gates_data = gates.template data_ptr<Acc>();
+      if (training) f.kept_gates = gates.template data_ptr<Acc>();
+      if (!f.gates_data) f.gates_data = gates.template data_ptr<Acc>();
     }
     f.gates = gates;
     f.c0 = c0.to(acc_options).contiguous();
