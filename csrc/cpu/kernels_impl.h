@@ -582,6 +582,28 @@ LSTM_FUSED_INLINE V tanh_v(V x) {
   return ax < 0.625f ? near_zero : far;
 }
 
+// The lanes of v stored as Out (rounded to nearest even, NaN to the quiet NaN, as the scalar
+// Storage<Out>::store).
+typedef uint32_t FloatBitsV __attribute__((vector_size(kVectorBytes)));
+typedef uint16_t HalfBitsV __attribute__((vector_size(kVectorBytes / 2)));
+
+template <typename Out>
+LSTM_FUSED_INLINE void store_as_v(typename Storage<Out>::Type* p, typename Simd<float>::V v) {
+  if constexpr (std::is_same<Out, Bfloat16>::value) {
+    FloatBitsV bits;
+    std::memcpy(&bits, &v, sizeof(v));
+    const FloatBitsV rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const FloatBitsV nan = (FloatBitsV)((bits & 0x7fffffffu) > 0x7f800000u);  // ones where NaN
+    const FloatBitsV result = (rounded & ~nan) | (nan & 0x7fc0u);
+    const HalfBitsV out = __builtin_convertvector(result, HalfBitsV);
+    std::memcpy(p, &out, sizeof(out));
+  } else if constexpr (std::is_same<Out, Float16>::value) {
+    for (int64_t l = 0; l < Simd<float>::kLanes; ++l) p[l] = float_to_float16(v[l]);
+  } else {
+    std::memcpy(p, &v, sizeof(v));
+  }
+}
+
 // n of the 16 units of a block: a constant size in the common case of a whole block, so that
 // the copy is inlined.
 template <typename T>
@@ -620,7 +642,8 @@ LSTM_FUSED_INLINE void tile_update_as(const TileUpdate& s) {
     // All 16 lanes are computed (the tile and the bias hold zeros past the block's units); only
     // `units` of them are stored.
     const float* g = s.tile + r * 4 * U;
-    float c_old[U] = {}, c_new[U], h[U], act[4][U];
+    float c_old[U] = {}, c_new[U], act[4][U];
+    Stored h_out[U];
     copy_units(c_old, c_prev, s.units);
     for (int64_t v = 0; v < N; ++v) {
       const V i = sigmoid_v(load<V>(g + v * L) + bias[0][v]);
@@ -629,7 +652,7 @@ LSTM_FUSED_INLINE void tile_update_as(const TileUpdate& s) {
       const V o = sigmoid_v(load<V>(g + 3 * U + v * L) + bias[3][v]);
       const V c = f * load<V>(c_old + v * L) + i * z;
       store(c_new + v * L, c);
-      store(h + v * L, o * tanh_v(c));
+      store_as_v<Out>(h_out + v * L, o * tanh_v(c));
       if (kKeepGates) {
         store(act[0] + v * L, i);
         store(act[1] + v * L, f);
@@ -637,8 +660,6 @@ LSTM_FUSED_INLINE void tile_update_as(const TileUpdate& s) {
         store(act[3] + v * L, o);
       }
     }
-    Stored h_out[U];
-    for (int64_t l = 0; l < U; ++l) h_out[l] = Storage<Out>::store(h[l]);
     copy_units(c_next, c_new, s.units);
     copy_units(out, h_out, s.units);
     if (kKeepGates) {

@@ -413,16 +413,46 @@ int64_t tile_chunk_steps(const LstmSizes& s) {
   return std::max<int64_t>(1, std::min(fit, s.seq_len));
 }
 
+// out[u][k][q * 16 + l] = w[(q * H + u * 16 + l) * ld + k * kstride], zeros past H and K (Kp >=
+// K), for elements of E's size.
+template <typename E>
+void gate_tiles_of(const E* w, int64_t ld, int64_t kstride, int64_t H, int64_t K, int64_t Kp,
+                   E* out) {
+  const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
+  at::parallel_for(0, blocks, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      E* tile = out + u * Kp * kBrgemmCols;
+      if (Kp > K) std::memset(tile + K * kBrgemmCols, 0, sizeof(E) * (Kp - K) * kBrgemmCols);
+      // Row by row of w: contiguous reads, writes within the tile (in cache).
+      for (int64_t n = 0; n < kBrgemmCols; ++n) {
+        const int64_t unit = u * kBrgemmUnits + n % kBrgemmUnits;
+        E* column = tile + n;
+        if (unit >= H) {
+          for (int64_t k = 0; k < K; ++k) column[k * kBrgemmCols] = E(0);
+          continue;
+        }
+        const E* row = w + (n / kBrgemmUnits * H + unit) * ld;
+        for (int64_t k = 0; k < K; ++k) column[k * kBrgemmCols] = row[k * kstride];
+      }
+    }
+  });
+}
+
 // W [4H, K] as one B matrix [Kp, 64] per block of 16 units, its columns gate-major (q * 16 +
 // l), zeros past H and K, packed for oneDNN where it wants that (VNNI pairs for half types).
 at::Tensor brgemm_tiles(const at::Tensor& w, bool cache, bool vnni) {
   return packed_weight(w, cache, Layout::kBrgemmTiles, vnni, [&] {
     const int64_t H = w.size(0) / 4, K = w.size(1), Kp = padded_inner(K, vnni);
     const int64_t blocks = (H + kBrgemmUnits - 1) / kBrgemmUnits;
-    at::Tensor padded = at::zeros({4, blocks * kBrgemmUnits, Kp}, w.options());
-    padded.narrow(1, 0, H).narrow(2, 0, K).copy_(w.reshape({4, H, K}));
-    // [block][k][gate][unit]
-    at::Tensor tiles = padded.view({4, blocks, kBrgemmUnits, Kp}).permute({1, 3, 0, 2}).contiguous();
+    // [block][k][gate][unit], in one pass (a permuted copy of a padded tensor is much slower)
+    at::Tensor tiles = at::empty({blocks, Kp, kBrgemmCols}, w.options());
+    if (w.element_size() == 2) {
+      gate_tiles_of(static_cast<const uint16_t*>(w.data_ptr()), w.stride(0), w.stride(1), H, K,
+                    Kp, static_cast<uint16_t*>(tiles.data_ptr()));
+    } else {
+      gate_tiles_of(static_cast<const uint32_t*>(w.data_ptr()), w.stride(0), w.stride(1), H, K,
+                    Kp, static_cast<uint32_t*>(tiles.data_ptr()));
+    }
     if (!vnni) return tiles;
 #if LSTM_FUSED_HAVE_BRGEMM
     at::Tensor out = at::empty_like(tiles);
@@ -446,10 +476,21 @@ at::Tensor brgemm_columns(const at::Tensor& w, bool vnni) {
   return packed_weight(w, false, Layout::kBrgemmColumns, vnni, [&] {
     const int64_t G = w.size(0), P = w.size(1);
     const int64_t blocks = (P + kBrgemmCols - 1) / kBrgemmCols;
-    at::Tensor padded = at::zeros({G, blocks * kBrgemmCols}, w.options());
-    padded.narrow(1, 0, P).copy_(w);
+    const at::Tensor rows = row_major(w);
+    const size_t element = w.element_size();
     // [block][n][64]
-    at::Tensor tiles = padded.view({G, blocks, kBrgemmCols}).permute({1, 0, 2}).contiguous();
+    at::Tensor tiles = at::empty({blocks, G, kBrgemmCols}, w.options());
+    at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t cols = std::min(kBrgemmCols, P - c * kBrgemmCols);
+        for (int64_t n = 0; n < G; ++n) {
+          char* dst = static_cast<char*>(tiles.data_ptr()) + (c * G + n) * kBrgemmCols * element;
+          std::memcpy(dst, static_cast<const char*>(rows.data_ptr()) +
+                               (n * rows.stride(0) + c * kBrgemmCols) * element, cols * element);
+          std::memset(dst + cols * element, 0, (kBrgemmCols - cols) * element);
+        }
+      }
+    });
     if (!vnni) return tiles;
 #if LSTM_FUSED_HAVE_BRGEMM
     at::Tensor out = at::empty_like(tiles);
