@@ -582,6 +582,27 @@ LSTM_FUSED_INLINE V tanh_v(V x) {
   return ax < 0.625f ? near_zero : far;
 }
 
+// tanh_v(x) = small ? near : num / den, in parts so that the division can be shared.
+template <typename V>
+struct TanhParts {
+  V near, num, den;
+  decltype(V{} < V{}) small;
+};
+
+template <typename V>
+LSTM_FUSED_INLINE TanhParts<V> tanh_parts(V x) {
+  const V ax = x < 0.0f ? V{} - x : x;
+  const V z = x * x;
+  V p = V{} - 5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V e = exp_v(-2.0f * ax);
+  const V magnitude = 1.0f - e;
+  return {x + x * z * p, x < 0.0f ? V{} - magnitude : magnitude, 1.0f + e, ax < 0.625f};
+}
+
 // The lanes of v stored as Out (rounded to nearest even, NaN to the quiet NaN, as the scalar
 // Storage<Out>::store).
 typedef uint32_t FloatBitsV __attribute__((vector_size(kVectorBytes)));
@@ -646,13 +667,23 @@ LSTM_FUSED_INLINE void tile_update_as(const TileUpdate& s) {
     Stored h_out[U];
     copy_units(c_old, c_prev, s.units);
     for (int64_t v = 0; v < N; ++v) {
-      const V i = sigmoid_v(load<V>(g + v * L) + bias[0][v]);
-      const V f = sigmoid_v(load<V>(g + U + v * L) + bias[1][v]);
-      const V z = tanh_v(load<V>(g + 2 * U + v * L) + bias[2][v]);
-      const V o = sigmoid_v(load<V>(g + 3 * U + v * L) + bias[3][v]);
+      // Five activations with three divisions: 1 / (a b) gives both 1 / a and 1 / b, for a
+      // sigmoid's 1 + e^-x (finite) and a tanh's 1 + e^-2|x| (in [1, 2]), so a b cannot overflow.
+      const V a_i = 1.0f + exp_v(V{} - (load<V>(g + v * L) + bias[0][v]));
+      const V a_f = 1.0f + exp_v(V{} - (load<V>(g + U + v * L) + bias[1][v]));
+      const V a_o = 1.0f + exp_v(V{} - (load<V>(g + 3 * U + v * L) + bias[3][v]));
+      const TanhParts<V> t_g = tanh_parts(load<V>(g + 2 * U + v * L) + bias[2][v]);
+      const V r_ig = 1.0f / (a_i * t_g.den);
+      const V i = t_g.den * r_ig;
+      const V z = t_g.small ? t_g.near : t_g.num * a_i * r_ig;
+      const V f = 1.0f / a_f;
       const V c = f * load<V>(c_old + v * L) + i * z;
+      const TanhParts<V> t_c = tanh_parts(c);
+      const V r_oc = 1.0f / (a_o * t_c.den);
+      const V o = t_c.den * r_oc;
+      const V tanh_c = t_c.small ? t_c.near : t_c.num * a_o * r_oc;
       store(c_new + v * L, c);
-      store_as_v<Out>(h_out + v * L, o * tanh_v(c));
+      store_as_v<Out>(h_out + v * L, o * tanh_c);
       if (kKeepGates) {
         store(act[0] + v * L, i);
         store(act[1] + v * L, f);
