@@ -200,8 +200,12 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool t
   if (path == Path::kAuto) {
     if (s.batch > kFusedMaxBatch) {
       path = Path::kGemm;
-    } else if (dtype == at::kBFloat16 && brgemm_packs(dtype) && s.batch >= 4) {
-      path = Path::kBrgemm;  // AMX
+    } else if (s.batch >= 4 && ((dtype == at::kBFloat16 && brgemm_packs(dtype)) ||  // AMX
+                                (dtype == at::kFloat && !backward && !has_proj &&
+                                 LSTM_FUSED_HAVE_BRGEMM && isa >= Isa::kAvx512))) {
+      // float32: oneDNN's AVX-512 brgemm forward beats our kernels at every measured shape
+      // (B = 4-64, H = 128-512); its backward and the projection's step did not.
+      path = Path::kBrgemm;
     } else {
       path = Path::kFused;
     }
