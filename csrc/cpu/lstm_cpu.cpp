@@ -201,10 +201,10 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool t
     if (s.batch > kFusedMaxBatch) {
       path = Path::kGemm;
     } else if (s.batch >= 4 && ((dtype == at::kBFloat16 && brgemm_packs(dtype)) ||  // AMX
-                                (dtype == at::kFloat && !backward && !has_proj &&
-                                 LSTM_FUSED_HAVE_BRGEMM && isa >= Isa::kAvx512))) {
-      // float32: oneDNN's AVX-512 brgemm forward beats our kernels at every measured shape
-      // (B = 4-64, H = 128-512); its backward and the projection's step did not.
+                                (dtype == at::kFloat && !has_proj && LSTM_FUSED_HAVE_BRGEMM &&
+                                 isa >= Isa::kAvx512))) {
+      // float32: oneDNN's AVX-512 brgemm beats our kernels at the measured shapes (B = 4-64,
+      // H = 128-512, forward and backward); with a projection it is unmeasured.
       path = Path::kBrgemm;
     } else {
       path = Path::kFused;
@@ -1282,7 +1282,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const at::ScalarType dtype = x.scalar_type();
-  const Plan plan = choose_plan(s, dtype, true);
+  const Plan plan = choose_plan(s, dtype, true, true, w_hr.has_value());
   const bool has_proj = w_hr.has_value();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = x.options().dtype(acc_type);
