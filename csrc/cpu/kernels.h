@@ -48,18 +48,16 @@ struct GatesProduct {
 };
 
 // The forward update of one row's units [j0, j1): from the pre-activations without bias in
-// gates (the activated gates written to kept_gates when given, gate q of unit j of row b at
-// kept_gates[b * 4 * kept_stride + q * kept_stride + j]), c_t = f c_{t-1} + i g and o tanh(c_t)
-// into hidden_out (dtype hidden_dtype) and, when given, into hidden_acc as Acc (the same values,
-// rounded to hidden_dtype).
+// gates (the activated gates written back when keep_gates), c_t = f c_{t-1} + i g and
+// o tanh(c_t) into hidden_out (dtype hidden_dtype) and, when given, into hidden_acc as Acc (the
+// same values, rounded to hidden_dtype).
 // A row past the end of its sequence (t >= lengths[row]) carries c_{t-1} and, when h_prev is
 // given, h_{t-1} instead.
 template <typename Acc>
 struct ForwardUpdate {
   int64_t hidden;
-  const Acc* gates;    // [B, 4H]
-  Acc* kept_gates;     // training: backward reads the activated gates; or nullptr
-  int64_t kept_stride;
+  Acc* gates;          // [B, 4H]
+  bool keep_gates;     // training: backward reads the activated gates
   const Acc* bias;     // [4H]: b_ih + b_hh (zeros without bias)
   const Acc* c_prev;   // [B, H]
   Acc* c_next;         // [B, H]

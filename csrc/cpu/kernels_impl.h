@@ -353,18 +353,11 @@ void hidden_grad(const HiddenGrad<T>& s, int64_t c0, int64_t c1) {
 // ---- Elementwise updates --------------------------------------------------------------------
 
 template <typename Acc, typename Out, bool kWriteAcc, bool kKeepGates>
-// kept may be gates (written in place): neither is __restrict, and ivdep says that no iteration
-// reads what another writes.
-LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, const Acc* gates,
+LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, Acc* __restrict gates,
                                    const Acc* __restrict bias, const Acc* __restrict c_prev,
                                    Acc* __restrict c_next,
                                    typename Storage<Out>::Type* __restrict hidden,
-                                   Acc* __restrict hidden_acc, Acc* kept, int64_t KH) {
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC ivdep
-#elif defined(__clang__)
-#pragma clang loop vectorize(assume_safety)
-#endif
+                                   Acc* __restrict hidden_acc) {
   for (int64_t j = j0; j < j1; ++j) {
     const Acc i = sigmoid_(gates[j] + bias[j]);
     const Acc f = sigmoid_(gates[H + j] + bias[H + j]);
@@ -372,10 +365,10 @@ LSTM_FUSED_INLINE void forward_row(int64_t H, int64_t j0, int64_t j1, const Acc*
     const Acc o = sigmoid_(gates[3 * H + j] + bias[3 * H + j]);
     const Acc c = f * c_prev[j] + i * g;
     if (kKeepGates) {
-      kept[j] = i;
-      kept[KH + j] = f;
-      kept[2 * KH + j] = g;
-      kept[3 * KH + j] = o;
+      gates[j] = i;
+      gates[H + j] = f;
+      gates[2 * H + j] = g;
+      gates[3 * H + j] = o;
     }
     c_next[j] = c;
     const auto h = Storage<Out>::store(o * tanh_(c));
@@ -403,23 +396,17 @@ LSTM_FUSED_INLINE void forward_update_as(const ForwardUpdate<Acc>& s, int64_t b,
     }
     return;
   }
-  const Acc* const gates = s.gates + b * 4 * H;
+  Acc* const gates = s.gates + b * 4 * H;
   const Acc* const c_prev = s.c_prev + b * H;
   Acc* const c_next = s.c_next + b * H;
-  Acc* const kept = s.kept_gates ? s.kept_gates + b * 4 * s.kept_stride : nullptr;
-  const int64_t KH = s.kept_stride;
-  if (out_acc && kept) {
-    forward_row<Acc, Out, true, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc,
-                                      kept, KH);
+  if (out_acc && s.keep_gates) {
+    forward_row<Acc, Out, true, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc);
   } else if (out_acc) {
-    forward_row<Acc, Out, true, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc,
-                                       kept, KH);
-  } else if (kept) {
-    forward_row<Acc, Out, false, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr,
-                                       kept, KH);
+    forward_row<Acc, Out, true, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, out_acc);
+  } else if (s.keep_gates) {
+    forward_row<Acc, Out, false, true>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr);
   } else {
-    forward_row<Acc, Out, false, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr,
-                                        kept, KH);
+    forward_row<Acc, Out, false, false>(H, j0, j1, gates, s.bias, c_prev, c_next, out, nullptr);
   }
 }
 

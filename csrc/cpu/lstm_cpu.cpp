@@ -761,8 +761,7 @@ void run_forward(ForwardPass<Acc>& f) {
     cpu::ForwardUpdate<Acc>& u = st.update;
     u.hidden = H;
     u.gates = st.gates;
-    u.kept_gates = f.kept_gates ? f.kept_gates + o.t * B * G : nullptr;
-    u.kept_stride = H;
+    u.keep_gates = f.training;
     u.bias = f.bias.data();
     u.c_prev = o.first ? c0_data : cells_data + o.slot_prev * B * H;
     u.c_next = cells_data + o.slot * B * H;
@@ -891,7 +890,9 @@ void run_forward(ForwardPass<Acc>& f) {
         update.hidden_out = st.update.hidden_out;
         update.hidden_out_stride = st.update.hidden_out_stride;
         update.hidden_dtype = st.update.hidden_dtype;
-        update.kept_gates = reinterpret_cast<float*>(st.update.kept_gates);
+        update.kept_gates = f.kept_gates ? reinterpret_cast<float*>(f.kept_gates) +
+                                               st.order.t * B * G
+                                         : nullptr;
         update.lengths = st.update.lengths;
         update.t = st.update.t;
         update.h_prev = st.update.h_prev;
