@@ -5,10 +5,12 @@
 // oneDNN's brgemm for half types, which keep float32 sums), then per step the recurrent part of
 // all four gates and the biases, nonlinearities and cell update, fused: each thread owns blocks
 // of hidden units, step after step, and computes them from W_hh packed once (cached while the
-// weight is unchanged). A single step (T = 1, streaming) does the input part in the same pass,
-// and so does brgemm inference at every step (both products into one tile, the update from it).
+// weight is unchanged). A single step (T = 1, streaming) does the input part in the same pass.
+// The brgemm forward (no projection) keeps oneDNN's tiles instead: the input part of a chunk of
+// steps, then per step h_{t-1} W_hh^T added in and the update straight from the tiles.
 // Backward: one pass back in time (fused gate gradients, then dh_{t-1} from W_hh packed by
-// column blocks), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all steps.
+// column blocks, or by brgemm), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all
+// steps.
 // No atomics and a fixed reduction order: identical inputs give identical results.
 #include "../lstm.h"
 #include "../step_order.h"
