@@ -16,20 +16,28 @@
 
 // ---- Scalars: activations and storage types -------------------------------------------------
 
-// exp written with plain arithmetic (Cephes expf, within 2 ulp) so that loops over it vectorise.
-LSTM_FUSED_INLINE float exp_(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  float r = x - n * 0.693359375f;
+// Cephes expf's range reduction and polynomial, on a float or a vector of floats: x clamped,
+// n = round(x / ln 2) (as a float), and e^(x - n ln 2).
+template <typename T>
+LSTM_FUSED_INLINE T exp_reduced(T x, T& n) {
+  x = x < -87.3f ? T{} - 87.3f : x;
+  x = x > 88.3f ? T{} + 88.3f : x;
+  n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  T r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp written with plain arithmetic (Cephes expf, within 2 ulp) so that loops over it vectorise.
+LSTM_FUSED_INLINE float exp_(float x) {
+  float n;
+  const float p = exp_reduced(x, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -525,51 +533,20 @@ void gate_tile(const float* __restrict tile, int64_t rows, int64_t H, int64_t un
   }
 }
 
-// exp_, sigmoid_ and tanh_ on vectors of float, with the same arithmetic lane by lane.
+// exp_ on vectors of float, with the same arithmetic lane by lane.
 template <typename V>
 LSTM_FUSED_INLINE V exp_v(V x) {
   typedef int32_t I __attribute__((vector_size(sizeof(V))));
-  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  V n;
+  const V p = exp_reduced(x, n);
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-template <typename V>
-LSTM_FUSED_INLINE V sigmoid_v(V x) {
-  return 1.0f / (1.0f + exp_v(V{} - x));
-}
-
-template <typename V>
-LSTM_FUSED_INLINE V tanh_v(V x) {
-  const V ax = x < 0.0f ? V{} - x : x;
-  const V z = x * x;
-  V p = V{} - 5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const V near_zero = x + x * z * p;
-  const V e = exp_v(-2.0f * ax);
-  const V magnitude = (1.0f - e) / (1.0f + e);
-  const V far = x < 0.0f ? V{} - magnitude : magnitude;
-  return ax < 0.625f ? near_zero : far;
-}
-
-// tanh_v(x) = small ? near : num / den, in parts so that the division can be shared.
+// tanh(x) = small ? near : num / den (tanh_ on vectors), in parts so that the division can be
+// shared.
 template <typename V>
 struct TanhParts {
   V near, num, den;
