@@ -194,8 +194,7 @@ bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::k
 constexpr int64_t kFusedMaxBatch = 128;
 
 // The one place that picks the CPU path and instruction set for a call.
-Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool training = false,
-                 bool has_proj = false) {
+Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool has_proj) {
   const Forced forced = forced_now();
   const Isa isa = forced.isa >= 0 ? static_cast<Isa>(forced.isa) : cpu::best_isa();
   Path path = forced.path;
@@ -1035,7 +1034,7 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const at::ScalarType dtype = x.scalar_type();
-  const Plan plan = choose_plan(s, dtype, false, training, w_hr.has_value());
+  const Plan plan = choose_plan(s, dtype, false, w_hr.has_value());
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
 
   auto run = [&](auto acc_tag) {
@@ -1285,7 +1284,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const at::ScalarType dtype = x.scalar_type();
-  const Plan plan = choose_plan(s, dtype, true, true, w_hr.has_value());
+  const Plan plan = choose_plan(s, dtype, true, w_hr.has_value());
   const bool has_proj = w_hr.has_value();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = x.options().dtype(acc_type);
