@@ -68,35 +68,40 @@ def test_every_isa_and_path_matches_float64_reference(sizes, dtype, isa, path, r
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("T,B,I,H", [(3, 70, 19, 17), (40, 9, 19, 200)],
                          ids=["rows70", "chunks35+5"])
-def test_brgemm_inference_updates_from_its_tiles(T, B, I, H, dtype, reverse):
-    """brgemm inference projects the input part of a chunk of steps into tiles, adds each step's
-    recurrent product into them and updates from them: more rows than one product takes
-    (70 > 64), several chunks with a short last one (35 + 5 steps at B = 9, H = 200), odd
-    inner sizes (VNNI pads I and H), a partial block of units, empty and short rows; every
-    output element against the float64 reference (float32) or against the brgemm training call
-    (bfloat16, which keeps the pre-activations in the gate layout)."""
+def test_brgemm_forward_updates_from_its_tiles(T, B, I, H, dtype, reverse):
+    """The brgemm forward projects the input part of a chunk of steps into tiles, adds each
+    step's recurrent product into them and updates from them, in inference and in training
+    (which also writes the activated gates): more rows than one product takes (70 > 64),
+    several chunks with a short last one (35 + 5 steps at B = 9, H = 200), odd inner sizes (VNNI
+    pads I and H), a partial block of units, empty and short rows. Every output element against
+    the float64 reference (float32) or against the fused path (bfloat16: other kernels, the same
+    bfloat16 products with float32 sums)."""
     inputs = make_inputs(T, B, I, H, dtype=dtype, lengths=lengths_for(T, B))
     args = [inputs[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
                                 "lengths")]
+    outputs = []
     with lstm_fused.force_path("brgemm"), torch.no_grad():
-        poison_memory()
-        y, h_n, c_n, _, _ = torch.ops.lstm_fused.forward(*args, reverse, False)
-        poison_memory()
-        expected = torch.ops.lstm_fused.forward(*args, reverse, True)[:3]
+        for training in (False, True):
+            poison_memory()
+            outputs.append(torch.ops.lstm_fused.forward(*args, reverse, training)[:3])
     if dtype == torch.float32:
         double = {k: v.double() if v is not None and v.is_floating_point() else v
                   for k, v in inputs.items()}
         out, (h_ref, c_ref) = lstm_fused.lstm_reference(
             double["x"], (double["h0"], double["c0"]), double["w_ih"], double["w_hh"],
             double["b_ih"], double["b_hh"], None, reverse=reverse, lengths=double["lengths"])
-        expected = (out, h_ref, c_ref)
-        y = y.masked_fill(padding(inputs), 0.0)  # the op carries the state at padded steps
+        expected = (out.masked_fill(padding(inputs), 0.0), h_ref, c_ref)
+        outputs = [(y.masked_fill(padding(inputs), 0.0), h_n, c_n)  # carried at padded steps
+                   for y, h_n, c_n in outputs]
         atol, rtol = OP_TOLERANCES[dtype]
     else:
+        with lstm_fused.force_path("fused"), torch.no_grad():
+            expected = torch.ops.lstm_fused.forward(*args, reverse, False)[:3]
         atol, rtol = 1e-2, 1e-2
-    for actual, wanted in zip((y, h_n, c_n), expected):
-        assert torch.isfinite(actual).all()
-        torch.testing.assert_close(actual.double(), wanted.double(), atol=atol, rtol=rtol)
+    for output in outputs:
+        for actual, wanted in zip(output, expected):
+            assert torch.isfinite(actual).all()
+            torch.testing.assert_close(actual.double(), wanted.double(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -466,22 +466,6 @@ LSTM_FUSED_INLINE void copy_grad_gates(const BackwardUpdate<T>& s, int64_t b, in
 }
 
 template <typename T>
-void backward_update_row(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1);
-
-template <typename T>
-void backward_update(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  backward_update_row(s, b, j0, j1);
-  if constexpr (sizeof(T) == sizeof(float)) {
-    if (s.grad_gates_copy == nullptr) return;
-    switch (s.copy_dtype) {
-      case DType::kBFloat16: return copy_grad_gates<T, Bfloat16>(s, b, j0, j1);
-      case DType::kHalf: return copy_grad_gates<T, Float16>(s, b, j0, j1);
-      default: return copy_grad_gates<T, float>(s, b, j0, j1);
-    }
-  }
-}
-
-template <typename T>
 void backward_update_row(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.hidden;
   T* const grad_gates = s.grad_gates + b * 4 * H;
@@ -513,6 +497,19 @@ void backward_update_row(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int6
   } else {
     backward_row<T, false, false>(H, j0, j1, gates, cell, c_prev, grad_hidden, extra,
                                   grad_c_next, grad_gates, grad_c_prev, hidden);
+  }
+}
+
+template <typename T>
+void backward_update(const BackwardUpdate<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  backward_update_row(s, b, j0, j1);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    if (s.grad_gates_copy == nullptr) return;
+    switch (s.copy_dtype) {
+      case DType::kBFloat16: return copy_grad_gates<T, Bfloat16>(s, b, j0, j1);
+      case DType::kHalf: return copy_grad_gates<T, Float16>(s, b, j0, j1);
+      default: return copy_grad_gates<T, float>(s, b, j0, j1);
+    }
   }
 }
 

@@ -410,7 +410,7 @@ int64_t padded_inner(int64_t k, bool vnni) { return vnni ? (k + 1) / 2 * 2 : k; 
 // Elements of each per-thread buffer kept between calls (see Scratch).
 constexpr int64_t kScratchKept = int64_t(1) << 18;
 
-// Steps of brgemm inference whose input parts are projected at once: as many as the kept
+// Steps of the brgemm forward whose input parts are projected at once: as many as the kept
 // buffer holds (there the tiles stay in cache, and small calls allocate nothing).
 int64_t tile_chunk_steps(const LstmSizes& s) {
   const int64_t blocks = (s.hidden_size + kBrgemmUnits - 1) / kBrgemmUnits;
@@ -817,7 +817,7 @@ void run_forward(ForwardPass<Acc>& f) {
   auto update_rows = [&](const Step& st, int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < B; ++b) ks.forward_update(st.update, b, j0, j1);
   };
-  // brgemm inference keeps the pre-activations of `chunk` steps as tiles [block][chunk][B][64].
+  // The brgemm forward keeps the pre-activations of `chunk` steps as tiles [block][chunk][B][64].
   // The steps n0 = n - n % chunk, ... take the times [t0, t0 + steps) (in reverse when reverse).
   const int64_t chunk = plan.tiles ? tile_chunk_steps(s) : 1;
   auto chunk_times = [&](int64_t n, int64_t& t0, int64_t& steps) {
@@ -851,7 +851,7 @@ void run_forward(ForwardPass<Acc>& f) {
       }
     }
   };
-  // brgemm inference, blocks [u0, u1) of step n: its input part projected with its chunk's, then
+  // The brgemm forward, blocks [u0, u1) of step n: its input part projected with its chunk's, then
   // h_{t-1} W_hh^T added into its tiles, then the update of each row straight from them.
   auto tile_step = [&](int64_t n, const Step& st, int64_t u0, int64_t u1,
                        std::vector<float>& scratch) {
