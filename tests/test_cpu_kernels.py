@@ -104,6 +104,47 @@ def test_brgemm_forward_updates_from_its_tiles(T, B, I, H, dtype, reverse):
             torch.testing.assert_close(actual.double(), wanted.double(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_fused_inference_projects_inputs_chunk_by_chunk(dtype, isa, reverse):
+    """Inference on the fused path projects the input part of as many steps as its kept buffer
+    holds (2^18 floats: 36 steps at B = 9, H = 200), each thread its own units, then adds each
+    step's recurrent product: here two chunks, the second short (36 + 4 steps), with empty and
+    short rows and a partial block of units. Every output element against the float64 reference
+    (float32), and against the training call, which projects all steps at once (the half types:
+    the same products and sums, so equal to the last bit where both use AVX512-BF16's dot
+    products, else within float32 rounding)."""
+    T, B, I, H = 40, 9, 19, 200
+    inputs = make_inputs(T, B, I, H, dtype=dtype, lengths=lengths_for(T, B))
+    args = [inputs[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
+                                "lengths")]
+    with lstm_fused.force_isa(isa), lstm_fused.force_path("fused"), torch.no_grad():
+        poison_memory()
+        chunked = torch.ops.lstm_fused.forward(*args, reverse, False)[:3]
+        poison_memory()
+        whole = torch.ops.lstm_fused.forward(*args, reverse, True)[:3]
+    if dtype == torch.float32:
+        double = {k: v.double() if v is not None and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        out, (h_ref, c_ref) = lstm_fused.lstm_reference(
+            double["x"], (double["h0"], double["c0"]), double["w_ih"], double["w_hh"],
+            double["b_ih"], double["b_hh"], None, reverse=reverse, lengths=double["lengths"])
+        expected = (out.masked_fill(padding(inputs), 0.0), h_ref, c_ref)
+        atol, rtol = OP_TOLERANCES[dtype]
+        for actual, wanted in zip((chunked[0].masked_fill(padding(inputs), 0.0), *chunked[1:]),
+                                  expected):
+            torch.testing.assert_close(actual.double(), wanted, atol=atol, rtol=rtol)
+        return
+    exact = dtype == torch.bfloat16 and isa == "avx512_bf16"
+    for actual, wanted in zip(chunked, whole):
+        assert torch.isfinite(actual).all()
+        if exact:
+            assert torch.equal(actual, wanted)
+        else:  # float32 sums in another order, then rounded to the half type
+            torch.testing.assert_close(actual.float(), wanted.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)

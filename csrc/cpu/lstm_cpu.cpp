@@ -418,6 +418,17 @@ int64_t tile_chunk_steps(const LstmSizes& s) {
   return std::max<int64_t>(1, std::min(fit, s.seq_len));
 }
 
+// Steps of the fused forward whose input parts are projected at once, each thread its own unit
+// blocks, in inference without a projection (0: all steps before the first, by one product).
+// A chunk the kept buffer holds stays in cache until its steps add h_{t-1} W_hh^T to it, where
+// all steps' pre-activations [T, B, 4H] would go to memory and back, with a page fault per 4 KB
+// on their first touch (measured: a third of a (64, 64, 512, 512) bfloat16 call on Zen 4).
+int64_t input_chunk_steps(const LstmSizes& s, const Plan& plan, bool training, bool has_proj) {
+  if (training || has_proj || plan.path != Path::kFused || plan.fuse_input) return 0;
+  const int64_t per_step = std::max<int64_t>(1, s.batch * 4 * s.hidden_size);
+  return std::max<int64_t>(1, std::min(s.seq_len, kScratchKept / per_step));
+}
+
 // out[u][k][q * 16 + l] = w[(q * H + u * 16 + l) * ld + k * kstride], zeros past H and K (Kp >=
 // K), for elements of E's size.
 template <typename E>
@@ -636,6 +647,7 @@ struct ForwardPass {
                                  // the tiles of brgemm
   Acc* kept_gates;               // training: the activated gates [T, B, 4H] (gates), else null
   Acc* cells_data;               // [T, B, H] when training, else [2, B, H] used in turn
+  int64_t input_chunk;           // input_chunk_steps: gates_data holds [input_chunk, B, 4H]
   at::Tensor c0;                 // [B, H] of Acc
   std::vector<Acc> bias;         // [4H]: b_ih + b_hh
 };
@@ -663,7 +675,8 @@ void run_forward(ForwardPass<Acc>& f) {
   at::Tensor h_acc = convert ? at::empty({2, B, P}, acc_options) : at::Tensor();
 
   // The input projection of all steps at once, unless the step kernel does it.
-  if (!plan.tiles && !plan.fuse_input && T * B > 0) {
+  const int64_t input_chunk = f.input_chunk;
+  if (!plan.tiles && !plan.fuse_input && input_chunk == 0 && T * B > 0) {
     at::Tensor gates_2d = f.gates.view({-1, G});
     // oneDNN's brgemm: for every path where it packs for AMX, else on the brgemm path
     const bool brgemm_input = input_vnni || (!dot && brgemm && is_half(f.dtype));
@@ -703,10 +716,12 @@ void run_forward(ForwardPass<Acc>& f) {
     if (dot) {
       lanes = f.kernels->bf16_dot->lanes;
       packed_hh = packed_bf16_gates(f.w_hh, cache, *f.kernels->bf16_dot);
-      if (plan.fuse_input) packed_ih = packed_bf16_gates(f.w_ih, cache, *f.kernels->bf16_dot);
+      if (plan.fuse_input || input_chunk) {
+        packed_ih = packed_bf16_gates(f.w_ih, cache, *f.kernels->bf16_dot);
+      }
     } else {
       packed_hh = packed_gates<Acc>(f.w_hh, cache, ks);
-      if (plan.fuse_input) packed_ih = packed_gates<Acc>(f.w_ih, cache, ks);
+      if (plan.fuse_input || input_chunk) packed_ih = packed_gates<Acc>(f.w_ih, cache, ks);
     }
   } else if (brgemm) {
     lanes = kBrgemmUnits;
@@ -741,6 +756,15 @@ void run_forward(ForwardPass<Acc>& f) {
   Acc* const h_acc_data = convert ? h_acc.template data_ptr<Acc>() : nullptr;
   const Acc* const h0_acc_data = convert ? h0_operand.template data_ptr<Acc>() : nullptr;
 
+  // The brgemm forward keeps the pre-activations of `chunk` steps as tiles [block][chunk][B][64],
+  // the chunked fused forward as [chunk][B][4H]. The steps n0 = n - n % chunk, ... take the times
+  // [t0, t0 + steps) (in reverse when reverse).
+  const int64_t chunk = plan.tiles ? tile_chunk_steps(s) : std::max<int64_t>(1, input_chunk);
+  auto chunk_times = [&](int64_t n, int64_t& t0, int64_t& steps) {
+    const int64_t n0 = n - n % chunk;
+    steps = std::min(chunk, T - n0);
+    t0 = f.reverse ? T - n0 - steps : n0;
+  };
   struct Step {
     ForwardStepOrder order;
     Acc* gates;            // [B, 4H]
@@ -753,7 +777,9 @@ void run_forward(ForwardPass<Acc>& f) {
     Step st;
     st.order = forward_step_order(n, T, f.reverse, f.training);
     const ForwardStepOrder& o = st.order;
-    st.gates = gates_data + (plan.fuse_input ? 0 : o.t) * B * G;
+    int64_t t0 = 0, steps = 0;
+    if (input_chunk) chunk_times(n, t0, steps);
+    st.gates = gates_data + (plan.fuse_input ? 0 : o.t - t0) * B * G;
     st.h_prev = o.first ? static_cast<const void*>(h0_data)
                         : static_cast<const void*>(y_data + o.t_prev * B * P * element);
     st.h_prev_acc = convert ? (o.first ? h0_acc_data : h_acc_data + ((n + 1) % 2) * B * P)
@@ -814,16 +840,22 @@ void run_forward(ForwardPass<Acc>& f) {
                         true}, u0, u1);
     }
   };
+  // The chunked fused forward: x_t W_ih^T of the chunk that starts at step n, blocks [u0, u1).
+  auto project_inputs = [&](int64_t n, int64_t u0, int64_t u1) {
+    int64_t t0, steps;
+    chunk_times(n, t0, steps);
+    if (dot) {
+      f.kernels->bf16_dot->gates_product(
+          {steps * B, H, I, reinterpret_cast<const uint16_t*>(f.x.data_ptr()) + t0 * B * I, I,
+           reinterpret_cast<const uint16_t*>(packed_ih.data_ptr()),
+           reinterpret_cast<float*>(gates_data), G, false}, u0, u1);
+    } else {
+      ks.gates_product({steps * B, H, I, x_operand.template data_ptr<Acc>() + t0 * B * I, I,
+                        packed_ih.template data_ptr<Acc>(), gates_data, G, false}, u0, u1);
+    }
+  };
   auto update_rows = [&](const Step& st, int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < B; ++b) ks.forward_update(st.update, b, j0, j1);
-  };
-  // The brgemm forward keeps the pre-activations of `chunk` steps as tiles [block][chunk][B][64].
-  // The steps n0 = n - n % chunk, ... take the times [t0, t0 + steps) (in reverse when reverse).
-  const int64_t chunk = plan.tiles ? tile_chunk_steps(s) : 1;
-  auto chunk_times = [&](int64_t n, int64_t& t0, int64_t& steps) {
-    const int64_t n0 = n - n % chunk;
-    steps = std::min(chunk, T - n0);
-    t0 = f.reverse ? T - n0 - steps : n0;
   };
   const int64_t Ip = padded_inner(I, vnni);
   const at::Tensor x_tiles =
@@ -919,6 +951,8 @@ void run_forward(ForwardPass<Acc>& f) {
             tile_step(n, st, u0, u1, scratch);
             return;
           }
+          // each thread projects its own blocks: no barrier needed
+          if (input_chunk && n % chunk == 0) project_inputs(n, u0, u1);
           products(st, u0, u1, scratch);
           update_rows(st, u0 * lanes, std::min(H, u1 * lanes));
         },
@@ -1047,6 +1081,7 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
     f.dtype = dtype;
     f.training = training;
     f.reverse = reverse;
+    f.input_chunk = input_chunk_steps(s, plan, training, w_hr.has_value());
     f.has_proj = w_hr.has_value();
     f.lengths = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
     f.x = x.contiguous();
@@ -1076,6 +1111,12 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
       }
     } else if (!training && plan.fuse_input) {
       f.gates_data = scratch.get(1, B * 4 * H);
+    } else if (f.input_chunk > 0) {
+      f.gates_data = scratch.get(1, f.input_chunk * B * 4 * H);
+      if (!f.gates_data) {
+        gates = at::empty({f.input_chunk, B, 4 * H}, acc_options);
+        f.gates_data = gates.template data_ptr<Acc>();
+      }
     }
     f.kept_gates = nullptr;
     if (training || !f.gates_data) {
