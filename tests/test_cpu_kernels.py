@@ -63,6 +63,17 @@ def test_every_isa_and_path_matches_float64_reference(sizes, dtype, isa, path, r
     torch.testing.assert_close(inference[2].double(), expected_outputs[2], atol=atol, rtol=rtol)
 
 
+def masked_reference(inputs, reverse):
+    """The float64 reference's y (zeros at padded steps, where the op carries h), h_n and c_n
+    of make_inputs' inputs without a projection."""
+    double = {k: v.double() if v is not None and v.is_floating_point() else v
+              for k, v in inputs.items()}
+    out, (h_ref, c_ref) = lstm_fused.lstm_reference(
+        double["x"], (double["h0"], double["c0"]), double["w_ih"], double["w_hh"],
+        double["b_ih"], double["b_hh"], None, reverse=reverse, lengths=double["lengths"])
+    return out.masked_fill(padding(inputs), 0.0), h_ref, c_ref
+
+
 @pytest.mark.skipif("brgemm" not in PATHS, reason="this PyTorch has no brgemm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -85,12 +96,7 @@ def test_brgemm_forward_updates_from_its_tiles(T, B, I, H, dtype, reverse):
             poison_memory()
             outputs.append(torch.ops.lstm_fused.forward(*args, reverse, training)[:3])
     if dtype == torch.float32:
-        double = {k: v.double() if v is not None and v.is_floating_point() else v
-                  for k, v in inputs.items()}
-        out, (h_ref, c_ref) = lstm_fused.lstm_reference(
-            double["x"], (double["h0"], double["c0"]), double["w_ih"], double["w_hh"],
-            double["b_ih"], double["b_hh"], None, reverse=reverse, lengths=double["lengths"])
-        expected = (out.masked_fill(padding(inputs), 0.0), h_ref, c_ref)
+        expected = masked_reference(inputs, reverse)
         outputs = [(y.masked_fill(padding(inputs), 0.0), h_n, c_n)  # carried at padded steps
                    for y, h_n, c_n in outputs]
         atol, rtol = OP_TOLERANCES[dtype]
@@ -125,12 +131,7 @@ def test_fused_inference_projects_inputs_chunk_by_chunk(dtype, isa, reverse):
         poison_memory()
         whole = torch.ops.lstm_fused.forward(*args, reverse, True)[:3]
     if dtype == torch.float32:
-        double = {k: v.double() if v is not None and v.is_floating_point() else v
-                  for k, v in inputs.items()}
-        out, (h_ref, c_ref) = lstm_fused.lstm_reference(
-            double["x"], (double["h0"], double["c0"]), double["w_ih"], double["w_hh"],
-            double["b_ih"], double["b_hh"], None, reverse=reverse, lengths=double["lengths"])
-        expected = (out.masked_fill(padding(inputs), 0.0), h_ref, c_ref)
+        expected = masked_reference(inputs, reverse)
         atol, rtol = OP_TOLERANCES[dtype]
         for actual, wanted in zip((chunked[0].masked_fill(padding(inputs), 0.0), *chunked[1:]),
                                   expected):
