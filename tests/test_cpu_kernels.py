@@ -113,15 +113,17 @@ def test_brgemm_forward_updates_from_its_tiles(T, B, I, H, dtype, reverse):
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_fused_inference_projects_inputs_chunk_by_chunk(dtype, isa, reverse):
+@pytest.mark.parametrize("T", [40, 5], ids=["two-chunks", "one-chunk"])
+def test_fused_inference_projects_inputs_chunk_by_chunk(T, dtype, isa, reverse):
     """Inference on the fused path projects the input part of as many steps as its kept buffer
     holds (2^18 floats: 36 steps at B = 9, H = 200), each thread its own units, then adds each
-    step's recurrent product: here two chunks, the second short (36 + 4 steps), with empty and
-    short rows and a partial block of units. Every output element against the float64 reference
-    (float32), and against the training call, which projects all steps at once (the half types:
-    the same products and sums, so equal to the last bit where both use AVX512-BF16's dot
-    products, else within float32 rounding)."""
-    T, B, I, H = 40, 9, 19, 200
+    step's recurrent product: with AVX512-BF16's products in chunks (T = 40: 36 + 4 steps), with
+    the other operands only where one chunk holds every step (T = 5; T = 40 is projected by one
+    BLAS product), with empty and short rows and a partial block of units. Every output element
+    against the float64 reference (float32), and against the training call, which projects all
+    steps at once (the half types: the same products and sums, so equal to the last bit where
+    both use AVX512-BF16's dot products, else within float32 rounding)."""
+    B, I, H = 9, 19, 200
     inputs = make_inputs(T, B, I, H, dtype=dtype, lengths=lengths_for(T, B))
     args = [inputs[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
                                 "lengths")]

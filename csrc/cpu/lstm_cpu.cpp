@@ -423,10 +423,15 @@ int64_t tile_chunk_steps(const LstmSizes& s) {
 // A chunk the kept buffer holds stays in cache until its steps add h_{t-1} W_hh^T to it, where
 // all steps' pre-activations [T, B, 4H] would go to memory and back, with a page fault per 4 KB
 // on their first touch (measured: a third of a (64, 64, 512, 512) bfloat16 call on Zen 4).
+// Chunks for AVX512-BF16's products, which project with our kernels either way; the other
+// operands keep one BLAS product unless a single chunk holds every step (with the AVX2 kernels
+// forced on Zen 4, several chunks were slower than BLAS at (8, 256, 512, 512) and
+// (64, 16, 128, 128), faster at (4, 128, 128, 256) and (32, 35, 256, 256)).
 int64_t input_chunk_steps(const LstmSizes& s, const Plan& plan, bool training, bool has_proj) {
   if (training || has_proj || plan.path != Path::kFused || plan.fuse_input) return 0;
   const int64_t per_step = std::max<int64_t>(1, s.batch * 4 * s.hidden_size);
-  return std::max<int64_t>(1, std::min(s.seq_len, kScratchKept / per_step));
+  const int64_t chunk = std::max<int64_t>(1, std::min(s.seq_len, kScratchKept / per_step));
+  return plan.operands == Operands::kBf16Dot || chunk == s.seq_len ? chunk : 0;
 }
 
 // out[u][k][q * 16 + l] = w[(q * H + u * 16 + l) * ld + k * kstride], zeros past H and K (Kp >=
