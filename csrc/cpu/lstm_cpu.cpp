@@ -193,19 +193,25 @@ bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::k
 // and AVX-512 machines).
 constexpr int64_t kFusedMaxBatch = 128;
 
-// The one place that picks the CPU path and instruction set for a call.
-Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool backward, bool has_proj) {
+// The one place that picks the CPU path and instruction set for a call. training: a training
+// forward or its backward (backward implies it).
+Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool training, bool backward,
+                 bool has_proj) {
   const Forced forced = forced_now();
   const Isa isa = forced.isa >= 0 ? static_cast<Isa>(forced.isa) : cpu::best_isa();
   Path path = forced.path;
   if (path == Path::kAuto) {
+    // float32: oneDNN's brgemm beats our kernels at the measured shapes (B = 4-64, H = 128-512,
+    // forward and backward) with AVX-512; with AVX2 (Zen 3) in inference from B = 4 (1.05-1.25x
+    // the fused path), in training only at large batches (1.0-1.08x at B = 32-64, 0.93-1.0x
+    // below); with a projection it is unmeasured.
+    const bool brgemm_float =
+        dtype == at::kFloat && !has_proj && LSTM_FUSED_HAVE_BRGEMM &&
+        (isa >= Isa::kAvx512 || (isa == Isa::kAvx2 && (!training || s.batch >= 32)));
     if (s.batch > kFusedMaxBatch) {
       path = Path::kGemm;
     } else if (s.batch >= 4 && ((dtype == at::kBFloat16 && brgemm_packs(dtype)) ||  // AMX
-                                (dtype == at::kFloat && !has_proj && LSTM_FUSED_HAVE_BRGEMM &&
-                                 isa >= Isa::kAvx512))) {
-      // float32: oneDNN's AVX-512 brgemm beats our kernels at the measured shapes (B = 4-64,
-      // H = 128-512, forward and backward); with a projection it is unmeasured.
+                                brgemm_float)) {
       path = Path::kBrgemm;
     } else {
       path = Path::kFused;
@@ -1073,7 +1079,7 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const at::ScalarType dtype = x.scalar_type();
-  const Plan plan = choose_plan(s, dtype, false, w_hr.has_value());
+  const Plan plan = choose_plan(s, dtype, training, false, w_hr.has_value());
   const at::Tensor lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
 
   auto run = [&](auto acc_tag) {
@@ -1330,7 +1336,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   check_cpu_dtype(x);
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const at::ScalarType dtype = x.scalar_type();
-  const Plan plan = choose_plan(s, dtype, true, w_hr.has_value());
+  const Plan plan = choose_plan(s, dtype, true, true, w_hr.has_value());
   const bool has_proj = w_hr.has_value();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = x.options().dtype(acc_type);
