@@ -119,9 +119,11 @@ struct KernelSet {
   void (*hidden_grad)(const HiddenGrad<Acc>& s, int64_t c0, int64_t c1);
 };
 
-// Products of bfloat16 operands with float32 accumulation in hardware (AVX512-BF16's vdpbf16ps).
+// Products of bfloat16 operands with float32 accumulation, as pairs of k: in hardware
+// (AVX512-BF16's vdpbf16ps) or emulated with float32 FMAs (AVX2).
 struct Bfloat16Dot {
   int64_t lanes;  // L
+  bool native;    // vdpbf16ps: faster than float32 products; else only where weights' bytes bound
   // W [4H, K] bfloat16 -> [ceil(H/L)][ceil(K/2)][4][L][2], pairs of k side by side, zeros past
   // H and K.
   void (*pack_gates)(const Matrix& w, uint16_t* out);
@@ -158,7 +160,7 @@ struct Kernels {
   Isa isa;
   KernelSet<float> f32;
   KernelSet<double> f64;
-  const Bfloat16Dot* bf16_dot;  // nullptr without AVX512-BF16
+  const Bfloat16Dot* bf16_dot;  // AVX512-BF16's, AVX2's emulation of it, or nullptr
   GateTileFn gate_tile;
   TileUpdateFn tile_update;
 };

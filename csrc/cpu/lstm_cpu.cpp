@@ -172,7 +172,8 @@ bool brgemm_packs(at::ScalarType dtype) {
 // How the operands of the products are held:
 //   same:    in x's dtype (float32, float64, or the half type for brgemm);
 //   convert: half types as float32 copies (exact), multiplied by float32 kernels;
-//   bf16_dot: bfloat16, multiplied by AVX512-BF16's dot product with float32 sums.
+//   bf16_dot: bfloat16, multiplied as pairs of k with float32 sums (AVX512-BF16's vdpbf16ps,
+//             or AVX2's emulation of it, whose weights stay bfloat16 too).
 enum class Operands { kSame, kConvert, kBf16Dot };
 
 struct Plan {
@@ -223,8 +224,15 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool training, bool b
   }
   Operands operands = Operands::kSame;
   if (is_half(dtype) && path != Path::kBrgemm) {
-    const bool dot = dtype == at::kBFloat16 && path == Path::kFused && !backward &&
-                     isa == Isa::kAvx512Bf16 && cpu::kernels_for(isa)->bf16_dot != nullptr;
+    // AVX2's emulated dot products (2-row register tiles) are slower than float32 copies'
+    // (3 rows) where the arithmetic bounds the step, faster where reading the weights does: at
+    // batch 4 and less, or where their float32 copies would not stay in the last-level cache
+    // (measured on a 2-core Zen 3 with 32 MB of L3: 1.1-2.4x at B = 1-4 or H = 1024, 0.92-0.95x
+    // at B = 6-64 with H <= 512).
+    const cpu::Bfloat16Dot* k = cpu::kernels_for(isa)->bf16_dot;
+    const int64_t float_weight_bytes = 16 * s.hidden_size * (s.input_size + s.output_size);
+    const bool dot = dtype == at::kBFloat16 && path == Path::kFused && !backward && k &&
+                     (k->native || s.batch <= 4 || float_weight_bytes >= (int64_t(16) << 20));
     operands = dot ? Operands::kBf16Dot : Operands::kConvert;
   }
   const bool fuse_input = !backward && path == Path::kFused && s.seq_len == 1;
