@@ -203,9 +203,9 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool training, bool b
   Path path = forced.path;
   if (path == Path::kAuto) {
     // float32: oneDNN's brgemm beats our kernels at the measured shapes (B = 4-64, H = 128-512,
-    // forward and backward) with AVX-512; with AVX2 (Zen 3) in inference from B = 4 (1.05-1.25x
-    // the fused path), in training only at large batches (1.0-1.08x at B = 32-64, 0.93-1.0x
-    // below); with a projection it is unmeasured.
+    // forward and backward) with AVX-512; with AVX2 (Zen 3) in inference from B = 4 (1.0-1.26x
+    // the fused path, 0.95x at (4, 128, 128, 256)), in training only at large batches
+    // (1.0-1.08x at B = 32-64, 0.93-1.0x below); with a projection it is unmeasured.
     const bool brgemm_float =
         dtype == at::kFloat && !has_proj && LSTM_FUSED_HAVE_BRGEMM &&
         (isa >= Isa::kAvx512 || (isa == Isa::kAvx2 && (!training || s.batch >= 32)));
