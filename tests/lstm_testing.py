@@ -12,6 +12,17 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import lstm_fused
 from lstm_fused._padding import padded_steps
 
+
+def nn_lstm_runs(dtype: torch.dtype) -> bool:
+    """Whether nn.LSTM, the oracle, runs in dtype on this CPU: with older PyTorch, oneDNN has no
+    bfloat16 LSTM without AVX-512 ("could not create a primitive descriptor")."""
+    try:
+        torch.nn.LSTM(2, 3).to(dtype)(torch.zeros(1, 1, 2, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
 # The forward op's tensor arguments, in order.
 ARG_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths")
 # The gradients the backward op returns, by the name of the forward op's argument.
