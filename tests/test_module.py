@@ -6,7 +6,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
-from lstm_testing import Tagger, check_against_nn_lstm, make_pair, module_inputs
+from lstm_testing import (Tagger, assert_bitwise_equal, check_against_nn_lstm, make_pair,
+                          module_inputs, outputs_and_grads)
 
 # num_layers, bias, batch_first, bidirectional, proj_size
 CONFIGS = list(itertools.product([1, 2], [True, False], [False, True], [False, True], [0, 3]))
@@ -76,6 +77,48 @@ def test_packed_sequence(enforce_sorted, hx_given, bidirectional, proj_size):
     for a, b in ((out_f.sorted_indices, out_r.sorted_indices),
                  (out_f.unsorted_indices, out_r.unsorted_indices)):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch_first,proj_size", [(False, 0), (True, 0), (False, 3)])
+def test_streaming_steps_like_nn_lstm_and_the_general_path(batch_first, proj_size, monkeypatch):
+    """T = 1 calls with the state carried (text generation, real-time audio, an RL policy) take
+    forward's one-layer shortcut: the same results as nn.LSTM, gradients through the whole
+    stream included, and bit for bit those of the general path."""
+    steps, batch = 6, 2
+    reference, fused = make_pair(input_size=5, hidden_size=7, batch_first=batch_first,
+                                 proj_size=proj_size)
+    xs, h0, c0 = module_inputs(fused, steps, batch, seed=3)
+
+    def stream(module):
+        x = xs.detach().requires_grad_()
+        state = (h0.detach().requires_grad_(), c0.detach().requires_grad_())
+        hx, outputs = state, []
+        for t in range(steps):
+            output, hx = module(x.narrow(1 if batch_first else 0, t, 1), hx)
+            outputs.append(output)
+        results = [torch.cat(outputs, 1 if batch_first else 0), hx[0], hx[1]]
+        loss = sum((r * (i + 1)).sum() for i, r in enumerate(results))
+        grads = torch.autograd.grad(loss, [x, *state, *module.parameters()])
+        return [r.detach() for r in results] + list(grads)
+
+    taken = []
+    shortcut = lstm_fused.LSTM._one_layer_call
+
+    def counted(self, input, hx):
+        result = shortcut(self, input, hx)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(lstm_fused.LSTM, "_one_layer_call", counted)
+    fast = stream(fused)
+    whole = outputs_and_grads(fused, xs)  # hx omitted
+    assert taken == [True] * (steps + 1)
+    for actual, wanted in zip(fast, stream(reference)):
+        torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(lstm_fused.LSTM, "_one_layer_call", lambda self, input, hx: None)
+    for actual, general in zip(fast, stream(fused)):
+        assert torch.equal(actual, general)
+    assert_bitwise_equal(whole, outputs_and_grads(fused, xs))
 
 
 def test_empty_batch_and_empty_sequence_like_nn_lstm():
