@@ -203,12 +203,13 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool training, bool b
   Path path = forced.path;
   if (path == Path::kAuto) {
     // float32: oneDNN's brgemm beats our kernels at the measured shapes (B = 4-64, H = 128-512,
-    // forward and backward) with AVX-512; with AVX2 (Zen 3) in inference from B = 4 (1.0-1.26x
-    // the fused path, 0.95x at (4, 128, 128, 256)), in training only at large batches
-    // (1.0-1.08x at B = 32-64, 0.93-1.0x below); with a projection it is unmeasured.
+    // forward and backward) with AVX-512; with AVX2 (a 2-core Zen 3) in inference from B = 16
+    // (1.0-1.3x the fused path at B = 16-128; at B = 4-8 0.87-1.0x, 0.92x at (8, 256, 512, 512)),
+    // never in training (0.89-1.01x at B = 4-128, 0.89x at (64, 64, 512, 512)); with a
+    // projection it is unmeasured.
     const bool brgemm_float =
         dtype == at::kFloat && !has_proj && LSTM_FUSED_HAVE_BRGEMM &&
-        (isa >= Isa::kAvx512 || (isa == Isa::kAvx2 && (!training || s.batch >= 32)));
+        (isa >= Isa::kAvx512 || (isa == Isa::kAvx2 && !training && s.batch >= 16));
     if (s.batch > kFusedMaxBatch) {
       path = Path::kGemm;
     } else if (s.batch >= 4 && ((dtype == at::kBFloat16 && brgemm_packs(dtype)) ||  // AMX
