@@ -22,8 +22,8 @@ _PATHS = {
     #        to batch 128; float16/bfloat16 products in hardware with AVX512-BF16)
     # brgemm: oneDNN's brgemm micro-kernel per block of 16 units, the update straight from its
     #         tiles, and dh_{t-1} by brgemm in the backward (the default from batch 4 for
-    #         bfloat16 where oneDNN packs it for AMX, and for float32 on AVX-512 without a
-    #         projection; float64 runs fused)
+    #         bfloat16 where oneDNN packs it for AMX and for float32 on AVX-512, and from batch
+    #         16 for float32 inference on AVX2, all without a projection; float64 runs fused)
     # gemm: one BLAS GEMM per step, then the fused elementwise pass (default above batch 128)
     "cpu": list(torch.ops.lstm_fused._cpu_paths()),
     # One fused kernel launch per step, with a block tile of batch rows x hidden units; the path
