@@ -162,10 +162,10 @@ class LSTM(nn.RNNBase):
         layer, one direction, a 3-D tensor, hx omitted or (h_0, c_0), in eager mode. None for
         every other call and for any argument the general path must check; forward then takes
         that path."""
-        if self.num_layers != 1 or self.bidirectional or type(input) is not Tensor:
-            return None
         # Exact types: tensor subclasses (fake, functional), traces and compiles take the
         # general path.
+        if self.num_layers != 1 or self.bidirectional or type(input) is not Tensor:
+            return None
         if (input.dim() != 3 or torch._C._is_any_autocast_enabled() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling()):
             return None

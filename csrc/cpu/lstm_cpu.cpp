@@ -204,7 +204,8 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool training, bool b
   if (path == Path::kAuto) {
     // float32: oneDNN's brgemm beats our kernels at the measured shapes (B = 4-64, H = 128-512,
     // forward and backward) with AVX-512; with AVX2 (a 2-core Zen 3) in inference from B = 16
-    // (1.0-1.3x the fused path at B = 16-128; at B = 4-8 0.87-1.0x, 0.92x at (8, 256, 512, 512)),
+    // (0.91-1.3x the fused path at B = 16-128, 1.0x or more on most rows; at B = 4-8 0.87-1.01x,
+    // 0.92x at (8, 256, 512, 512)),
     // never in training (0.89-1.01x at B = 4-128, 0.89x at (64, 64, 512, 512)); with a
     // projection it is unmeasured.
     const bool brgemm_float =
