@@ -113,7 +113,7 @@ class LSTM(nn.RNNBase):
 
     def forward(self, input, hx=None):  # noqa: F811
         if not torch.jit.is_scripting():
-            result = self._one_layer_call(input, hx)
+            result = self._unidirectional_call(input, hx)
             if result is not None:
                 return result
         if not torch.jit.is_scripting() and hx is not None and not (
@@ -156,44 +156,55 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _one_layer_call(self, input, hx) -> Optional[Tuple[Tensor, Tuple[Tensor, Tensor]]]:
+    def _unidirectional_call(self, input, hx) -> Optional[Tuple[Tensor, Tuple[Tensor, Tensor]]]:
         """forward in as few Python operations as can check it, for the calls where the Python
-        around the op costs as much as the op (a single step of a stream, short sequences): one
-        layer, one direction, a 3-D tensor, hx omitted or (h_0, c_0), in eager mode. None for
-        every other call and for any argument the general path must check; forward then takes
-        that path."""
+        around the ops costs as much as the ops (a single step of a stream, short sequences):
+        one direction, a 3-D tensor, hx omitted or (h_0, c_0), in eager mode. None for every
+        other call and for any argument the general path must check; forward then takes that
+        path. The same ops in the same order as the general path, dropout included."""
         # Exact types: tensor subclasses (fake, functional), traces and compiles take the
         # general path.
-        if self.num_layers != 1 or self.bidirectional or type(input) is not Tensor:
+        if self.bidirectional or type(input) is not Tensor:
             return None
         if (input.dim() != 3 or torch._C._is_any_autocast_enabled() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling()):
             return None
-        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(0)
+        layers = self.num_layers
+        weights = self._layer_weights(0)
         batch_dim = 0 if self.batch_first else 1
         batch = input.size(batch_dim)
-        if (input.dtype != w_ih.dtype or input.size(2) != self.input_size
+        if (input.dtype != weights[0].dtype or input.size(2) != self.input_size
                 or input.size(1 - batch_dim) == 0):
             return None
         output_size = self.proj_size or self.hidden_size
         if hx is None:
-            h0 = input.new_zeros(batch, output_size)
-            c0 = input.new_zeros(batch, self.hidden_size)
+            zeros = input.new_zeros(batch, output_size), input.new_zeros(batch, self.hidden_size)
+            states = [zeros] * layers
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 return None
             h0, c0 = hx
             if (type(h0) is not Tensor or type(c0) is not Tensor
-                    or h0.size() != (1, batch, output_size)
-                    or c0.size() != (1, batch, self.hidden_size)):
+                    or h0.size() != (layers, batch, output_size)
+                    or c0.size() != (layers, batch, self.hidden_size)):
                 return None
-            h0, c0 = h0[0], c0[0]
+            states = list(zip(h0.unbind(0), c0.unbind(0))) if layers > 1 else [(h0[0], c0[0])]
         sequence = input.transpose(0, 1) if self.batch_first else input
-        output, h_n, c_n = torch.ops.lstm_fused.layer.default(
-            sequence, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, False)
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        return output, (h_n.unsqueeze(0), c_n.unsqueeze(0))
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for layer in range(layers):
+            if layer > 0:
+                weights = self._layer_weights(layer)
+                if self.dropout > 0 and self.training:
+                    sequence = F.dropout(sequence, self.dropout, training=True)
+            sequence, h, c = torch.ops.lstm_fused.layer.default(
+                sequence, states[layer][0], states[layer][1], *weights, None, False)
+            h_n.append(h)
+            c_n.append(c)
+        output = sequence.transpose(0, 1) if self.batch_first else sequence
+        if layers == 1:  # the op's fresh outputs, as views: no copy
+            return output, (h_n[0].unsqueeze(0), c_n[0].unsqueeze(0))
+        return output, (torch.stack(h_n), torch.stack(c_n))
 
     def _forward_packed(self, packed: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
                         ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:

@@ -79,14 +79,35 @@ def test_packed_sequence(enforce_sorted, hx_given, bidirectional, proj_size):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.parametrize("batch_first,proj_size", [(False, 0), (True, 0), (False, 3)])
-def test_streaming_steps_like_nn_lstm_and_the_general_path(batch_first, proj_size, monkeypatch):
+def _count_short_path(monkeypatch):
+    """The calls that forward's unidirectional short path took (True) or left to the general
+    path (False), in order."""
+    taken = []
+    short_path = lstm_fused.LSTM._unidirectional_call
+
+    def counted(self, input, hx):
+        result = short_path(self, input, hx)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(lstm_fused.LSTM, "_unidirectional_call", counted)
+    return taken
+
+
+def _general_path_only(monkeypatch):
+    monkeypatch.setattr(lstm_fused.LSTM, "_unidirectional_call", lambda self, input, hx: None)
+
+
+@pytest.mark.parametrize("num_layers,batch_first,proj_size",
+                         [(1, False, 0), (1, True, 0), (1, False, 3), (2, False, 0), (3, True, 3)])
+def test_streaming_steps_like_nn_lstm_and_the_general_path(num_layers, batch_first, proj_size,
+                                                           monkeypatch):
     """T = 1 calls with the state carried (text generation, real-time audio, an RL policy) take
-    forward's one-layer shortcut: the same results as nn.LSTM, gradients through the whole
-    stream included, and bit for bit those of the general path."""
+    forward's unidirectional short path: the same results as nn.LSTM, gradients through the
+    whole stream included, and bit for bit those of the general path."""
     steps, batch = 6, 2
-    reference, fused = make_pair(input_size=5, hidden_size=7, batch_first=batch_first,
-                                 proj_size=proj_size)
+    reference, fused = make_pair(input_size=5, hidden_size=7, num_layers=num_layers,
+                                 batch_first=batch_first, proj_size=proj_size)
     xs, h0, c0 = module_inputs(fused, steps, batch, seed=3)
 
     def stream(module):
@@ -101,24 +122,40 @@ def test_streaming_steps_like_nn_lstm_and_the_general_path(batch_first, proj_siz
         grads = torch.autograd.grad(loss, [x, *state, *module.parameters()])
         return [r.detach() for r in results] + list(grads)
 
-    taken = []
-    shortcut = lstm_fused.LSTM._one_layer_call
-
-    def counted(self, input, hx):
-        result = shortcut(self, input, hx)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(lstm_fused.LSTM, "_one_layer_call", counted)
+    taken = _count_short_path(monkeypatch)
     fast = stream(fused)
     whole = outputs_and_grads(fused, xs)  # hx omitted
     assert taken == [True] * (steps + 1)
     for actual, wanted in zip(fast, stream(reference)):
         torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(lstm_fused.LSTM, "_one_layer_call", lambda self, input, hx: None)
+    _general_path_only(monkeypatch)
     for actual, general in zip(fast, stream(fused)):
         assert torch.equal(actual, general)
     assert_bitwise_equal(whole, outputs_and_grads(fused, xs))
+
+
+def test_short_path_dropout_and_fallbacks(monkeypatch):
+    """Dropout between layers draws the same masks on the short path as on the general one;
+    the calls the short path leaves alone (bidirectional, unbatched, a state of another size)
+    are the general path's."""
+    _, fused = make_pair(input_size=4, hidden_size=6, num_layers=3, dropout=0.4)
+    x, h0, c0 = module_inputs(fused, 5, 3, seed=1)
+    taken = _count_short_path(monkeypatch)
+    torch.manual_seed(5)
+    short = outputs_and_grads(fused, x, (h0, c0))
+    assert taken == [True]
+    _general_path_only(monkeypatch)
+    torch.manual_seed(5)
+    assert_bitwise_equal(short, outputs_and_grads(fused, x, (h0, c0)))
+
+    monkeypatch.undo()
+    taken = _count_short_path(monkeypatch)
+    _, bidirectional = make_pair(input_size=4, hidden_size=6, bidirectional=True)
+    bidirectional(x)
+    fused(x[:, 0])  # unbatched
+    with pytest.raises(RuntimeError, match="Expected hidden"):
+        fused(x, (h0[:2], c0[:2]))
+    assert taken == [False, False, False]
 
 
 def test_empty_batch_and_empty_sequence_like_nn_lstm():
