@@ -161,7 +161,7 @@ class LSTM(nn.RNNBase):
         around the ops costs as much as the ops (a single step of a stream, short sequences):
         one direction, a 3-D tensor, hx omitted or (h_0, c_0), in eager mode. None for every
         other call and for any argument the general path must check; forward then takes that
-        path. The same ops in the same order as the general path, dropout included."""
+        path. Past the checks, the general path's layer loop runs, calling the ops directly."""
         # Exact types: tensor subclasses (fake, functional), traces and compiles take the
         # general path.
         if self.bidirectional or type(input) is not Tensor:
@@ -170,16 +170,16 @@ class LSTM(nn.RNNBase):
                 or torch.compiler.is_compiling()):
             return None
         layers = self.num_layers
-        weights = self._layer_weights(0)
         batch_dim = 0 if self.batch_first else 1
         batch = input.size(batch_dim)
-        if (input.dtype != weights[0].dtype or input.size(2) != self.input_size
+        weight_ih = self._weight(self._all_weights[0][0])
+        if (input.dtype != weight_ih.dtype or input.size(2) != self.input_size
                 or input.size(1 - batch_dim) == 0):
             return None
         output_size = self.proj_size or self.hidden_size
         if hx is None:
-            zeros = input.new_zeros(batch, output_size), input.new_zeros(batch, self.hidden_size)
-            states = [zeros] * layers
+            h0 = input.new_zeros(layers, batch, output_size)
+            c0 = input.new_zeros(layers, batch, self.hidden_size)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 return None
@@ -188,23 +188,11 @@ class LSTM(nn.RNNBase):
                     or h0.size() != (layers, batch, output_size)
                     or c0.size() != (layers, batch, self.hidden_size)):
                 return None
-            states = list(zip(h0.unbind(0), c0.unbind(0))) if layers > 1 else [(h0[0], c0[0])]
         sequence = input.transpose(0, 1) if self.batch_first else input
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        for layer in range(layers):
-            if layer > 0:
-                weights = self._layer_weights(layer)
-                if self.dropout > 0 and self.training:
-                    sequence = F.dropout(sequence, self.dropout, training=True)
-            sequence, h, c = torch.ops.lstm_fused.layer.default(
-                sequence, states[layer][0], states[layer][1], *weights, None, False)
-            h_n.append(h)
-            c_n.append(c)
-        output = sequence.transpose(0, 1) if self.batch_first else sequence
-        if layers == 1:  # the op's fresh outputs, as views: no copy
-            return output, (h_n[0].unsqueeze(0), c_n[0].unsqueeze(0))
-        return output, (torch.stack(h_n), torch.stack(c_n))
+        output, h_n, c_n = self._run_layers_by_name(sequence, h0, c0, 1, None, checked=True)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
 
     def _forward_packed(self, packed: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
                         ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
@@ -253,9 +241,12 @@ class LSTM(nn.RNNBase):
         return sequence, torch.stack(h_n), torch.stack(c_n)
 
     def _run_layers_by_name(self, sequence: Tensor, h0: Tensor, c0: Tensor, num_directions: int,
-                            lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                            lengths: Optional[Tensor], checked: bool = False
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
         """_run_layers outside TorchScript: the weights by name (torch.func.functional_call
-        replaces parameters without updating _flat_weights)."""
+        replaces parameters without updating _flat_weights). checked: _unidirectional_call
+        vouched for the call (eager, no autocast, no lengths), so each layer calls the op
+        itself, without lstm_fused.lstm's checks for those."""
         h0_layers, c0_layers = h0.unbind(0), c0.unbind(0)
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
@@ -271,9 +262,14 @@ class LSTM(nn.RNNBase):
                 outputs: List[Tensor] = []
                 for direction in range(num_directions):
                     index = layer * num_directions + direction
-                    output, (h, c) = lstm(sequence, (h0_layers[index], c0_layers[index]),
-                                          *self._layer_weights(index), reverse=direction == 1,
-                                          lengths=lengths)
+                    if checked:
+                        output, h, c = torch.ops.lstm_fused.layer.default(
+                            sequence, h0_layers[index], c0_layers[index],
+                            *self._layer_weights(index), None, False)
+                    else:
+                        output, (h, c) = lstm(sequence, (h0_layers[index], c0_layers[index]),
+                                              *self._layer_weights(index),
+                                              reverse=direction == 1, lengths=lengths)
                     outputs.append(output)
                     h_n.append(h)
                     c_n.append(c)

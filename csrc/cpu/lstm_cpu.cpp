@@ -205,9 +205,8 @@ Plan choose_plan(const LstmSizes& s, at::ScalarType dtype, bool training, bool b
     // float32: oneDNN's brgemm beats our kernels at the measured shapes (B = 4-64, H = 128-512,
     // forward and backward) with AVX-512; with AVX2 (a 2-core Zen 3) in inference from B = 16
     // (0.91-1.3x the fused path at B = 16-128, 1.0x or more on most rows; at B = 4-8 0.87-1.01x,
-    // 0.92x at (8, 256, 512, 512)),
-    // never in training (0.89-1.01x at B = 4-128, 0.89x at (64, 64, 512, 512)); with a
-    // projection it is unmeasured.
+    // 0.92x at (8, 256, 512, 512)), never in training (0.89-1.01x at B = 4-128, 0.89x at
+    // (64, 64, 512, 512)); with a projection it is unmeasured.
     const bool brgemm_float =
         dtype == at::kFloat && !has_proj && LSTM_FUSED_HAVE_BRGEMM &&
         (isa >= Isa::kAvx512 || (isa == Isa::kAvx2 && !training && s.batch >= 16));
