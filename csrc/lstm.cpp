@@ -5,7 +5,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <mutex>
 #include <string>
+#include <vector>
 
 namespace lstm_fused {
 namespace {
@@ -336,6 +339,46 @@ BidirectionalBackwardResult bidirectional_backward_by_direction(
           grad_w_hr_r};
 }
 
+namespace {
+
+struct Forcing {
+  std::mutex mutex;
+  ForcedNames names;
+};
+
+Forcing& forcing() {
+  static Forcing* state = [] {
+    auto* f = new Forcing();  // never destroyed: read until exit
+    const char* path = std::getenv("LSTM_FUSED_PATH");
+    const char* isa = std::getenv("LSTM_FUSED_ISA");
+    f->names = {path ? path : "", isa ? isa : ""};
+    return f;
+  }();
+  return *state;
+}
+
+}  // namespace
+
+ForcedNames forced_names() {
+  Forcing& f = forcing();
+  std::lock_guard<std::mutex> lock(f.mutex);
+  return f.names;
+}
+
+void set_forced_names(const std::string& path, const std::string& isa) {
+  Forcing& f = forcing();
+  std::lock_guard<std::mutex> lock(f.mutex);
+  f.names = {path, isa};
+}
+
+void define_forcing_ops(torch::Library& m) {
+  m.def("_force(str path, str isa) -> ()", &set_forced_names);
+  m.def("_forced() -> str[]", []() -> std::vector<std::string> {
+    const ForcedNames names = forced_names();
+    return {names.path, names.isa};
+  });
+}
+
 }  // namespace lstm_fused
 
 #ifndef LSTM_FUSED_EMULATE_CUDA  // the emulated CUDA test build registers its own namespace
@@ -345,6 +388,7 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(lstm_fused::kBidirectionalForwardSchema);
   m.def(lstm_fused::kBidirectionalBackwardSchema);
   m.def(lstm_fused::kLayerSchema);
+  lstm_fused::define_forcing_ops(m);
 }
 
 // On the CPU both directions run one after the other, each by the one-direction ops.

@@ -29,7 +29,12 @@
 
 #include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
+
+namespace torch {
+class Library;
+}
 
 namespace lstm_fused {
 
@@ -164,5 +169,18 @@ constexpr const char* kBidirectionalBackwardSchema =
     "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
     "Tensor grad_bias, Tensor grad_w_hr, Tensor grad_w_ih_reverse, Tensor grad_w_hh_reverse, "
     "Tensor grad_bias_reverse, Tensor grad_w_hr_reverse)";
+
+// What lstm_fused.force_path and force_isa force (through the op _force), or before their first
+// use the environment variables LSTM_FUSED_PATH and LSTM_FUSED_ISA, read once: names only ("" =
+// the default choice), held here for the CPU and CUDA glue alike, each of which reads the path
+// as one of its own and reports a name it does not know.
+struct ForcedNames {
+  std::string path;
+  std::string isa;
+};
+ForcedNames forced_names();
+void set_forced_names(const std::string& path, const std::string& isa);
+// Defines _force(path, isa) and _forced() in an op namespace (ours, or the emulated CUDA build's).
+void define_forcing_ops(torch::Library& m);
 
 }  // namespace lstm_fused

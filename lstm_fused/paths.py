@@ -2,11 +2,10 @@
 that compare them.
 
 The environment variables LSTM_FUSED_PATH and LSTM_FUSED_ISA force them for a whole process
-(the CPU code reads them once, on its first call); force_path and force_isa force them within a
-block.
+(read once, at the first call); force_path and force_isa force them within a block, for every
+thread. The C++ code holds what is forced, for the CPU and CUDA code alike (csrc/lstm.h).
 """
 import contextlib
-import os
 from typing import Iterator, List, Optional, Union
 
 import torch
@@ -15,8 +14,6 @@ from . import _extension
 
 _extension.load()
 
-_PATH_VARIABLE = "LSTM_FUSED_PATH"
-_ISA_VARIABLE = "LSTM_FUSED_ISA"
 _PATHS = {
     # fused: our register-blocked step, each thread owns blocks of hidden units (the default up
     #        to batch 128; float16/bfloat16 products in hardware with AVX512-BF16)
@@ -42,8 +39,14 @@ _PATHS = {
 # The CPU instruction sets the kernels are built for, the most capable first.
 _ISAS = ["avx512_bf16", "avx512", "avx2", "baseline"]
 
-# What is forced now ("" = the default choice), as the CPU code was last told.
-_forced = {"path": os.environ.get(_PATH_VARIABLE, ""), "isa": os.environ.get(_ISA_VARIABLE, "")}
+# The op namespaces that force_path and force_isa steer: ours, and any other build of the same
+# C++ sources that registers itself with _steer (the tests' emulated CUDA build).
+_steered = ["lstm_fused"]
+
+
+def _steer(namespace: str) -> None:
+    if namespace not in _steered:
+        _steered.append(namespace)
 
 
 def available_paths(device: Union[str, torch.device]) -> List[str]:
@@ -57,40 +60,31 @@ def available_isas() -> List[str]:
     return list(torch.ops.lstm_fused._cpu_isas())
 
 
-def _tell_cpu() -> None:
-    path = _forced["path"]
-    torch.ops.lstm_fused._cpu_dispatch("" if path == "auto" else path, _forced["isa"])
-
-
 @contextlib.contextmanager
-def _forcing(key: str, value: str, variable: Optional[str]) -> Iterator[None]:
-    previous_value = _forced[key]
-    previous_variable = os.environ.get(variable) if variable else None
-    _forced[key] = value
-    if variable:  # the CUDA code reads it on every call
-        os.environ[variable] = value
+def _forcing(path: Optional[str], isa: Optional[str]) -> Iterator[None]:
+    """Forces path and/or isa (None: as it is; "" = the default choice) within the block."""
+    previous = list(torch.ops.lstm_fused._forced())
+    wanted = [previous[0] if path is None else path, previous[1] if isa is None else isa]
+    _tell(wanted)
     try:
-        _tell_cpu()
         yield
     finally:
-        _forced[key] = previous_value
-        if variable:
-            if previous_variable is None:
-                os.environ.pop(variable, None)
-            else:
-                os.environ[variable] = previous_variable
-        _tell_cpu()
+        _tell(previous)
+
+
+def _tell(names: List[str]) -> None:
+    for namespace in _steered:
+        getattr(torch.ops, namespace)._force(*names)
 
 
 @contextlib.contextmanager
 def force_path(name: str) -> Iterator[None]:
-    """Within the block, every lstm_fused op uses the path `name` (or "auto": the default choice).
-
-    Also sets the environment variable LSTM_FUSED_PATH within the block."""
+    """Within the block, every lstm_fused op uses the path `name` (or "auto": the default choice),
+    on every thread."""
     known = {"auto"}.union(*_PATHS.values())
     if name not in known:
         raise ValueError(f"lstm_fused.force_path: unknown path {name!r}; known: {sorted(known)}")
-    with _forcing("path", name, _PATH_VARIABLE):
+    with _forcing("" if name == "auto" else name, None):
         yield
 
 
@@ -104,5 +98,5 @@ def force_isa(name: str) -> Iterator[None]:
     if name != "auto" and name not in available_isas():
         raise RuntimeError(f"lstm_fused.force_isa: this CPU does not support {name!r}; it "
                            f"supports {available_isas()}")
-    with _forcing("isa", "" if name == "auto" else name, None):
+    with _forcing(None, "" if name == "auto" else name):
         yield

@@ -249,10 +249,30 @@ def test_environment_variables_are_read_once_and_checked():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
     result = run_python(CHECK_AGAINST_REFERENCE, LSTM_FUSED_ISA="sse9")
     assert result.returncode != 0
-    assert "LSTM_FUSED_ISA must be auto, avx512_bf16, avx512, avx2 or baseline" in result.stderr
+    assert ("must be auto, avx512_bf16, avx512, avx2 or baseline, got 'sse9'"
+            in result.stderr), result.stderr
     result = run_python(CHECK_AGAINST_REFERENCE, LSTM_FUSED_PATH="bogus")
     assert result.returncode != 0
     assert "must be auto, fused, brgemm or gemm on the CPU, got 'bogus'" in result.stderr
+    # Read once: a change after the first call has no effect, and force_path overrides.
+    result = run_python(READ_ONCE, LSTM_FUSED_PATH="gemm", LSTM_FUSED_ISA=isa)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"gemm,{isa}", f"gemm,{isa}", f"fused,{isa}", f"gemm,{isa}"]
+
+
+READ_ONCE = """
+import os, torch, lstm_fused
+print(",".join(torch.ops.lstm_fused._forced()))
+os.environ["LSTM_FUSED_PATH"] = "bogus"
+x, h, c = torch.randn(3, 2, 5), torch.randn(2, 7), torch.randn(2, 7)
+w = [torch.randn(28, 5), torch.randn(28, 7), torch.randn(28), torch.randn(28)]
+lstm_fused.lstm(x, (h, c), *w)
+print(",".join(torch.ops.lstm_fused._forced()))
+with lstm_fused.force_path("fused"):
+    lstm_fused.lstm(x, (h, c), *w)
+    print(",".join(torch.ops.lstm_fused._forced()))
+print(",".join(torch.ops.lstm_fused._forced()))
+"""
 
 
 # ---- The cache of packed weights ------------------------------------------------------------

@@ -66,6 +66,7 @@ def emulated(tmp_path_factory):
         build_directory=str(build),
         is_python_module=False,
     )
+    lstm_fused.paths._steer("lstm_fused_emulated")  # force_path steers this build too
     return torch.ops.lstm_fused_emulated
 
 
@@ -453,12 +454,12 @@ def test_empty_sequence_and_empty_batch(emulated):
             assert not grads[4].any()
 
 
-def test_bad_path_name_is_a_clear_error(emulated, monkeypatch):
-    monkeypatch.setenv("LSTM_FUSED_PATH", "gemm")
+def test_bad_path_name_is_a_clear_error(emulated):
     inputs = make_inputs(2, 2, 3, 4, 0)
-    with pytest.raises(RuntimeError,
-                       match="must be auto, step_small, step_medium, step_large or persistent"):
-        run_op(inputs, False, ops=emulated)
+    with lstm_fused.force_path("gemm"):  # a CPU path
+        with pytest.raises(RuntimeError, match="must be auto, step_small, step_medium, "
+                           "step_large or persistent on CUDA, got 'gemm'"):
+            run_op(inputs, False, ops=emulated)
 
 
 # =============================================================================================

@@ -1,7 +1,6 @@
 """The lstm_fused ops against the float64 reference: values, gradients, opcheck, torch.compile."""
 import copy
 import itertools
-import os
 
 import pytest
 import torch
@@ -92,14 +91,18 @@ def test_gradcheck(reverse, proj, bias, lengths, batch):
                                     fast_mode=fast_mode)
 
 
-def test_force_path_validates_and_restores(monkeypatch):
-    monkeypatch.delenv("LSTM_FUSED_PATH", raising=False)
+def test_force_path_validates_and_restores():
+    before = torch.ops.lstm_fused._forced()
     with pytest.raises(ValueError, match="unknown path 'fastest'"):
         with lstm_fused.force_path("fastest"):
             pass
+    assert torch.ops.lstm_fused._forced() == before
     with lstm_fused.force_path("gemm"):
-        assert os.environ["LSTM_FUSED_PATH"] == "gemm"
-    assert "LSTM_FUSED_PATH" not in os.environ
+        assert torch.ops.lstm_fused._forced()[0] == "gemm"
+        with lstm_fused.force_isa("baseline"), lstm_fused.force_path("auto"):
+            assert torch.ops.lstm_fused._forced() == ["", "baseline"]
+        assert torch.ops.lstm_fused._forced()[0] == "gemm"
+    assert torch.ops.lstm_fused._forced() == before
     x, hx, weights = make_args(requires_grad=False)
     with lstm_fused.force_path("step_small"):  # a CUDA path
         with pytest.raises(RuntimeError, match="must be auto, fused, brgemm or gemm on the CPU"):

@@ -85,7 +85,7 @@ def test_threads_with_second_derivatives_and_the_functional_ops():
 
 
 def test_threads_under_each_kernel_path():
-    """force_path sets an environment variable: set once, it is read by every thread."""
+    """force_path forces the path for the whole process: set once, it holds on every thread."""
     _, model = make_pair(0, input_size=4, hidden_size=33, bidirectional=True)
     inputs = [module_inputs(model, 7, 2 + 40 * i, seed=i) for i in range(THREADS)]
     for path in lstm_fused.available_paths("cpu"):

@@ -60,13 +60,11 @@ using cpu::Isa;
 enum class Path : int { kAuto = 0, kFused, kBrgemm, kGemm };
 constexpr const char* kPathNames[] = {"auto", "fused", "brgemm", "gemm"};
 
-// What lstm_fused.force_path / force_isa or the environment (LSTM_FUSED_PATH, LSTM_FUSED_ISA,
-// read once, on the first call) force. A path name the CPU does not know (a CUDA path) is kept
-// to be reported by the call that would use it.
+// What lstm_fused.force_path / force_isa or the environment (LSTM_FUSED_PATH, LSTM_FUSED_ISA)
+// force, read from the names that lstm.cpp holds for every device (forced_names).
 struct Forced {
   Path path = Path::kAuto;
   int isa = -1;  // -1: the best this CPU supports
-  std::string unknown_path;
 };
 
 std::string supported_isa_list() {
@@ -78,73 +76,32 @@ std::string supported_isa_list() {
   return names;
 }
 
-void parse_path(const std::string& name, Forced& forced) {
-  forced.path = Path::kAuto;
-  forced.unknown_path.clear();
-  if (name.empty()) return;
+Path parse_path(const std::string& name) {
+  if (name.empty()) return Path::kAuto;
   for (int p = 0; p < 4; ++p) {
-    if (name == kPathNames[p]) {
-      forced.path = static_cast<Path>(p);
-      return;
-    }
+    if (name == kPathNames[p]) return static_cast<Path>(p);
   }
-  forced.unknown_path = name;
+  TORCH_CHECK(false, "lstm_fused: the forced path (LSTM_FUSED_PATH or lstm_fused.force_path) ",
+              "must be auto, fused, brgemm or gemm on the CPU, got '", name, "'");
 }
 
-int parse_isa(const std::string& name, const char* origin) {
+int parse_isa(const std::string& name) {
   if (name.empty() || name == "auto") return -1;
   for (int i = 0; i < cpu::kIsaCount; ++i) {
     if (name != cpu::isa_name(static_cast<Isa>(i))) continue;
-    TORCH_CHECK(cpu::isa_supported(static_cast<Isa>(i)), "lstm_fused: ", origin, " asks for ",
-                "the instruction set '", name, "', which this CPU or build does not support; ",
-                "supported: ", supported_isa_list());
+    TORCH_CHECK(cpu::isa_supported(static_cast<Isa>(i)), "lstm_fused: the forced instruction ",
+                "set (LSTM_FUSED_ISA or lstm_fused.force_isa) '", name, "' is not supported ",
+                "by this CPU or build; supported: ", supported_isa_list());
     return i;
   }
-  TORCH_CHECK(false, "lstm_fused: ", origin, " must be auto, avx512_bf16, avx512, avx2 or ",
-              "baseline, got '", name, "'");
-}
-
-struct Dispatch {
-  std::mutex mutex;
-  Forced forced;
-  std::string environment_error;  // a bad LSTM_FUSED_ISA, reported by every call
-};
-
-Dispatch& dispatch() {
-  static Dispatch* state = [] {
-    auto* d = new Dispatch();
-    const char* path = std::getenv("LSTM_FUSED_PATH");
-    parse_path(path ? path : "", d->forced);
-    const char* isa = std::getenv("LSTM_FUSED_ISA");
-    try {
-      d->forced.isa = parse_isa(isa ? isa : "", "LSTM_FUSED_ISA");
-    } catch (const c10::Error& error) {
-      d->environment_error = error.what_without_backtrace();
-    }
-    return d;
-  }();
-  return *state;
+  TORCH_CHECK(false, "lstm_fused: the forced instruction set (LSTM_FUSED_ISA or ",
+              "lstm_fused.force_isa) must be auto, avx512_bf16, avx512, avx2 or baseline, got '",
+              name, "'");
 }
 
 Forced forced_now() {
-  Dispatch& d = dispatch();
-  std::lock_guard<std::mutex> lock(d.mutex);
-  TORCH_CHECK(d.environment_error.empty(), d.environment_error);
-  TORCH_CHECK(d.forced.unknown_path.empty(), "lstm_fused: the forced path (LSTM_FUSED_PATH or ",
-              "lstm_fused.force_path) must be auto, fused, brgemm or gemm on the CPU, got '",
-              d.forced.unknown_path, "'");
-  return d.forced;
-}
-
-// Sets the forced path and instruction set; lstm_fused.force_path and force_isa call it.
-void set_cpu_dispatch(std::string path, std::string isa) {
-  Dispatch& d = dispatch();
-  Forced forced;
-  parse_path(path, forced);
-  forced.isa = parse_isa(isa, "lstm_fused.force_isa");
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.forced = forced;
-  d.environment_error.clear();
+  const ForcedNames names = forced_names();
+  return {parse_path(names.path), parse_isa(names.isa)};
 }
 
 std::vector<std::string> cpu_isas() {
@@ -1389,8 +1346,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
-  // Helpers of lstm_fused.force_path / force_isa / available_isas and of the tests.
-  m.def("_cpu_dispatch(str path, str isa) -> ()", &set_cpu_dispatch);
+  // Helpers of lstm_fused.available_paths / available_isas and of the tests.
   m.def("_cpu_isas() -> str[]", &cpu_isas);
   m.def("_cpu_paths() -> str[]", &cpu_paths);
   m.def("_cpu_weight_cache(bool clear) -> int[]", &weight_cache_info);

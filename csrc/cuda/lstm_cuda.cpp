@@ -36,8 +36,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -293,20 +291,19 @@ Matmul matmul_for(bool tf32) {
 
 // ---- The kernel path ---------------------------------------------------------------------------
 
-// The path the environment variable LSTM_FUSED_PATH (set by lstm_fused.force_path) forces.
+// The path lstm_fused.force_path or LSTM_FUSED_PATH forces (forced_names, lstm.h).
 enum class ForcedPath { kAuto, kStepSmall, kStepMedium, kStepLarge, kPersistent };
 
 ForcedPath forced_path() {
-  const char* forced = std::getenv("LSTM_FUSED_PATH");
-  if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) {
-    return ForcedPath::kAuto;
-  }
-  if (std::strcmp(forced, "step_small") == 0) return ForcedPath::kStepSmall;
-  if (std::strcmp(forced, "step_medium") == 0) return ForcedPath::kStepMedium;
-  if (std::strcmp(forced, "step_large") == 0) return ForcedPath::kStepLarge;
-  if (std::strcmp(forced, "persistent") == 0) return ForcedPath::kPersistent;
-  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_PATH must be auto, step_small, step_medium, ",
-              "step_large or persistent on CUDA, got '", forced, "'");
+  const std::string forced = forced_names().path;
+  if (forced.empty() || forced == "auto") return ForcedPath::kAuto;
+  if (forced == "step_small") return ForcedPath::kStepSmall;
+  if (forced == "step_medium") return ForcedPath::kStepMedium;
+  if (forced == "step_large") return ForcedPath::kStepLarge;
+  if (forced == "persistent") return ForcedPath::kPersistent;
+  TORCH_CHECK(false, "lstm_fused: the forced path (LSTM_FUSED_PATH or lstm_fused.force_path) ",
+              "must be auto, step_small, step_medium, step_large or persistent on CUDA, got '",
+              forced, "'");
 }
 
 // The step kernels' tile height: forced, else their own choice (kAuto, also where the persistent
@@ -1111,6 +1108,7 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
   m.def(lstm_fused::kBackwardSchema);
   m.def(lstm_fused::kBidirectionalForwardSchema);
   m.def(lstm_fused::kBidirectionalBackwardSchema);
+  lstm_fused::define_forcing_ops(m);  // steered by lstm_fused.force_path too (see the tests)
   // The emulated device that every kernel is planned for and launched on.
   m.def("set_emulated_device(int multiprocessors, int shared_bytes_per_block, "
         "bool cooperative_launch, int coresident_block_limit, bool capturing, "
