@@ -119,9 +119,10 @@ def test_fused_inference_projects_inputs_chunk_by_chunk(chunks, B, dtype, isa, r
     """Inference on the fused path projects the input part of as many steps as its kept buffer
     holds (2^18 floats: 36 steps at B = 9, 109 at B = 3, with H = 200), each thread its own
     units, then adds each step's recurrent product: with bfloat16 pair products (AVX512-BF16's,
-    or AVX2's emulation of them at B <= 4) in chunks (two chunks: 36 + 4 or 109 + 6 steps), with
-    the other operands only where one chunk holds every step (T = 5; two chunks' steps are
-    projected by one BLAS product), with empty and short rows and a partial block of units.
+    or AVX2's emulation of them at B <= 4) and with float32 on AVX2 in chunks (two chunks: 36 + 4
+    or 109 + 6 steps), with the other operands only where one chunk holds every step (T = 5; two
+    chunks' steps are projected by one BLAS product), with empty and short rows and a partial
+    block of units.
     Every output element against the float64 reference (float32), and against the training
     call, which projects all steps at once (the half types: where both calls use the pair
     products, the same products and sums, so equal to the last bit; else within float32

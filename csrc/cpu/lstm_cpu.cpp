@@ -395,15 +395,21 @@ int64_t tile_chunk_steps(const LstmSizes& s) {
 // A chunk the kept buffer holds stays in cache until its steps add h_{t-1} W_hh^T to it, where
 // all steps' pre-activations [T, B, 4H] would go to memory and back, with a page fault per 4 KB
 // on their first touch (measured: a third of a (64, 64, 512, 512) bfloat16 call on Zen 4).
-// Chunks for AVX512-BF16's products, which project with our kernels either way; the other
-// operands keep one BLAS product unless a single chunk holds every step (with the AVX2 kernels
-// forced on Zen 4, several chunks were slower than BLAS at (8, 256, 512, 512) and
+// Chunks for AVX512-BF16's products, which project with our kernels either way, and for float32
+// on AVX2 (on a 2-core Zen 3, chunks against one BLAS product: 1.0-1.1x at B = 2-15, H = 256-2048,
+// median 1.03x, e.g. (4, 128, 128, 256) 1.02-1.06x, (8, 128, 256, 256) 1.07-1.10x,
+// (4, 32, 2048, 2048) 1.09x, (8, 256, 512, 512) 0.98-1.02x). The other operands keep one BLAS
+// product unless a single chunk holds every step (with the AVX2 kernels forced on Zen 4, whose
+// BLAS uses AVX-512, several chunks were slower than BLAS at (8, 256, 512, 512) and
 // (64, 16, 128, 128), faster at (4, 128, 128, 256) and (32, 35, 256, 256)).
-int64_t input_chunk_steps(const LstmSizes& s, const Plan& plan, bool training, bool has_proj) {
+int64_t input_chunk_steps(const LstmSizes& s, const Plan& plan, at::ScalarType dtype,
+                          bool training, bool has_proj) {
   if (training || has_proj || plan.path != Path::kFused || plan.fuse_input) return 0;
   const int64_t per_step = std::max<int64_t>(1, s.batch * 4 * s.hidden_size);
   const int64_t chunk = std::max<int64_t>(1, std::min(s.seq_len, kScratchKept / per_step));
-  return plan.operands == Operands::kBf16Dot || chunk == s.seq_len ? chunk : 0;
+  const bool chunked = plan.operands == Operands::kBf16Dot ||
+                       (plan.isa == Isa::kAvx2 && dtype == at::kFloat) || chunk == s.seq_len;
+  return chunked ? chunk : 0;
 }
 
 // out[u][k][q * 16 + l] = w[(q * H + u * 16 + l) * ld + k * kstride], zeros past H and K (Kp >=
@@ -1058,7 +1064,7 @@ ForwardResult forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
     f.dtype = dtype;
     f.training = training;
     f.reverse = reverse;
-    f.input_chunk = input_chunk_steps(s, plan, training, w_hr.has_value());
+    f.input_chunk = input_chunk_steps(s, plan, dtype, training, w_hr.has_value());
     f.has_proj = w_hr.has_value();
     f.lengths = lengths.has_value() ? lengths_c.data_ptr<int64_t>() : nullptr;
     f.x = x.contiguous();
