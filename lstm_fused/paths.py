@@ -47,6 +47,7 @@ _steered = ["lstm_fused"]
 def _steer(namespace: str) -> None:
     if namespace not in _steered:
         _steered.append(namespace)
+        getattr(torch.ops, namespace)._force(*torch.ops.lstm_fused._forced())  # as ours is now
 
 
 def available_paths(device: Union[str, torch.device]) -> List[str]:
