@@ -238,6 +238,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer(
   return {y, h_n, c_n};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layers(const at::Tensor& input, at::TensorList hx,
+                                                      at::TensorList params, bool has_biases,
+                                                      int64_t num_layers, double dropout,
+                                                      bool train, bool batch_first) {
+  const int64_t count = static_cast<int64_t>(params.size());
+  const int64_t plain = has_biases ? 4 : 2;  // per layer, without a projection
+  TORCH_CHECK(num_layers >= 1 && count % num_layers == 0 &&
+                  (count / num_layers == plain || count / num_layers == plain + 1),
+              "lstm_fused::layers: params must hold ", plain, " or ", plain + 1,
+              " tensors per layer (w_ih, w_hh", has_biases ? ", b_ih, b_hh" : "",
+              "[, w_hr]) for ", num_layers, " layers, got ", count);
+  TORCH_CHECK(hx.size() == 2, "lstm_fused::layers: hx must be (h0, c0), got ", hx.size(),
+              " tensors");
+  TORCH_CHECK(input.dim() == 3, "lstm_fused::layers: input must be 3-D, got ", shape_of(input));
+  const int64_t batch = input.size(batch_first ? 0 : 1);
+  for (const at::Tensor& state : hx) {
+    TORCH_CHECK(state.dim() == 3 && state.size(0) == num_layers && state.size(1) == batch,
+                "lstm_fused::layers: h0 and c0 must be [", num_layers, ", ", batch,
+                ", size] for ", num_layers, " layers and batch ", batch, ", got ",
+                shape_of(state));
+  }
+  const int64_t per_layer = count / num_layers;
+  const bool has_proj = per_layer == plain + 1;
+  at::Tensor sequence = batch_first ? input.transpose(0, 1) : input;
+  std::vector<at::Tensor> h_n, c_n;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const at::Tensor* w = params.data() + l * per_layer;
+    std::optional<at::Tensor> b_ih, b_hh, w_hr;
+    if (has_biases) {
+      b_ih = w[2];
+      b_hh = w[3];
+    }
+    if (has_proj) w_hr = w[plain];
+    auto [y, h, c] = layer(sequence, hx[0].select(0, l), hx[1].select(0, l), w[0], w[1], b_ih,
+                           b_hh, w_hr, std::nullopt, false);
+    sequence = dropout > 0 && train && l + 1 < num_layers ? at::dropout(y, dropout, true) : y;
+    h_n.push_back(std::move(h));
+    c_n.push_back(std::move(c));
+  }
+  if (batch_first) sequence = sequence.transpose(0, 1);
+  if (num_layers == 1) return {sequence, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)};  // no copy
+  return {sequence, at::stack(h_n), at::stack(c_n)};
+}
+
 }  // namespace
 #endif
 
@@ -388,6 +432,7 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(lstm_fused::kBidirectionalForwardSchema);
   m.def(lstm_fused::kBidirectionalBackwardSchema);
   m.def(lstm_fused::kLayerSchema);
+  m.def(lstm_fused::kLayersSchema);
   lstm_fused::define_forcing_ops(m);
 }
 
@@ -424,6 +469,7 @@ TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) {
   m.impl("layer", &lstm_fused::layer);
+  m.impl("layers", &lstm_fused::layers);
 }
 
 // The library holds no Python: Python loads it with torch.ops.load_library, as a LibTorch program

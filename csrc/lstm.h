@@ -149,6 +149,14 @@ constexpr const char* kForwardSchema =
 constexpr const char* kLayerSchema =
     "layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
     "Tensor? w_hr, Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n, Tensor c_n)";
+// A unidirectional stack of num_layers layers in one call, as lstm_fused.LSTM runs it in eager
+// mode (where a single step's time is mostly the Python and dispatch around each op): nn.LSTM's
+// aten::lstm arguments, less bidirectional. hx = (h0 [L, B, P], c0 [L, B, H]); params per layer
+// w_ih, w_hh[, b_ih, b_hh][, w_hr] (a projection where there is one more); dropout on each
+// layer's output but the last when train. Composite: each layer runs as `layer`.
+constexpr const char* kLayersSchema =
+    "layers(Tensor input, Tensor[] hx, Tensor[] params, bool has_biases, int num_layers, "
+    "float dropout, bool train, bool batch_first) -> (Tensor output, Tensor h_n, Tensor c_n)";
 constexpr const char* kBackwardSchema =
     "backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, "
     "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor y, Tensor gates, "

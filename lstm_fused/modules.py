@@ -161,7 +161,8 @@ class LSTM(nn.RNNBase):
         around the ops costs as much as the ops (a single step of a stream, short sequences):
         one direction, a 3-D tensor, hx omitted or (h_0, c_0), in eager mode. None for every
         other call and for any argument the general path must check; forward then takes that
-        path. Past the checks, the general path's layer loop runs, calling the ops directly."""
+        path. Past the checks, one op (lstm_fused::layers) runs the general path's layer loop in
+        C++, where each view and call costs a fraction of what it costs from Python."""
         # Exact types: tensor subclasses (fake, functional), traces and compiles take the
         # general path.
         if self.bidirectional or type(input) is not Tensor:
@@ -188,10 +189,10 @@ class LSTM(nn.RNNBase):
                     or h0.size() != (layers, batch, output_size)
                     or c0.size() != (layers, batch, self.hidden_size)):
                 return None
-        sequence = input.transpose(0, 1) if self.batch_first else input
-        output, h_n, c_n = self._run_layers_by_name(sequence, h0, c0, 1, None, checked=True)
-        if self.batch_first:
-            output = output.transpose(0, 1)
+        weights = [self._weight(name) for name in self._flat_weights_names]
+        output, h_n, c_n = torch.ops.lstm_fused.layers.default(
+            input, (h0, c0), weights, self.bias, layers, float(self.dropout), self.training,
+            self.batch_first)
         return output, (h_n, c_n)
 
     def _forward_packed(self, packed: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
@@ -241,12 +242,9 @@ class LSTM(nn.RNNBase):
         return sequence, torch.stack(h_n), torch.stack(c_n)
 
     def _run_layers_by_name(self, sequence: Tensor, h0: Tensor, c0: Tensor, num_directions: int,
-                            lengths: Optional[Tensor], checked: bool = False
-                            ) -> Tuple[Tensor, Tensor, Tensor]:
+                            lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """_run_layers outside TorchScript: the weights by name (torch.func.functional_call
-        replaces parameters without updating _flat_weights). checked: _unidirectional_call
-        vouched for the call (eager, no autocast, no lengths), so each layer calls the op
-        itself, without lstm_fused.lstm's checks for those."""
+        replaces parameters without updating _flat_weights)."""
         h0_layers, c0_layers = h0.unbind(0), c0.unbind(0)
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
@@ -262,14 +260,9 @@ class LSTM(nn.RNNBase):
                 outputs: List[Tensor] = []
                 for direction in range(num_directions):
                     index = layer * num_directions + direction
-                    if checked:
-                        output, h, c = torch.ops.lstm_fused.layer.default(
-                            sequence, h0_layers[index], c0_layers[index],
-                            *self._layer_weights(index), None, False)
-                    else:
-                        output, (h, c) = lstm(sequence, (h0_layers[index], c0_layers[index]),
-                                              *self._layer_weights(index),
-                                              reverse=direction == 1, lengths=lengths)
+                    output, (h, c) = lstm(sequence, (h0_layers[index], c0_layers[index]),
+                                          *self._layer_weights(index), reverse=direction == 1,
+                                          lengths=lengths)
                     outputs.append(output)
                     h_n.append(h)
                     c_n.append(c)

@@ -229,6 +229,57 @@ def test_layer_op_keeps_activations_only_for_autograd():
         torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("bias,proj,batch_first", [(True, False, False), (False, True, True)])
+def test_layers_op_is_its_layers_in_turn(bias, proj, batch_first):
+    """lstm_fused::layers (the module's eager short path) gives what its layers give one after
+    another through lstm_fused::layer, gradients included, and rejects what it cannot read."""
+    generator = torch.Generator().manual_seed(1)
+    layers, batch, steps, output_size = 2, 3, 4, PROJ if proj else HIDDEN
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    params = []
+    for layer in range(layers):
+        params += [randn(4 * HIDDEN, INPUT if layer == 0 else output_size),
+                   randn(4 * HIDDEN, output_size)]
+        params += [randn(4 * HIDDEN), randn(4 * HIDDEN)] if bias else []
+        params += [randn(output_size, HIDDEN)] if proj else []
+    x = randn(*((batch, steps) if batch_first else (steps, batch)), INPUT)
+    hx = (randn(layers, batch, output_size), randn(layers, batch, HIDDEN))
+    args = (x, hx, params, bias, layers, 0.0, True, batch_first)
+    torch.library.opcheck(torch.ops.lstm_fused.layers.default, args)
+    results = torch.ops.lstm_fused.layers(*args)
+
+    per_layer = len(params) // layers
+    sequence, h_n, c_n = x.transpose(0, 1) if batch_first else x, [], []
+    for layer in range(layers):
+        w = params[layer * per_layer:(layer + 1) * per_layer]
+        sequence, h, c = torch.ops.lstm_fused.layer(
+            sequence, hx[0][layer], hx[1][layer], w[0], w[1], w[2] if bias else None,
+            w[3] if bias else None, w[-1] if proj else None, None, False)
+        h_n.append(h)
+        c_n.append(c)
+    expected = (sequence.transpose(0, 1) if batch_first else sequence, torch.stack(h_n),
+                torch.stack(c_n))
+    inputs = [x, *hx, *params]
+    grads = torch.autograd.grad(sum((r * (i + 1)).sum() for i, r in enumerate(results)), inputs)
+    expected_grads = torch.autograd.grad(
+        sum((r * (i + 1)).sum() for i, r in enumerate(expected)), inputs)
+    for actual, wanted in zip([*results, *grads], [*expected, *expected_grads]):
+        assert torch.equal(actual, wanted)
+
+    with pytest.raises(RuntimeError, match="params must hold"):
+        torch.ops.lstm_fused.layers(x, hx, params[:-1], bias, layers, 0.0, False, batch_first)
+    with pytest.raises(RuntimeError, match="hx must be"):
+        torch.ops.lstm_fused.layers(x, hx[:1], params, bias, layers, 0.0, False, batch_first)
+    with pytest.raises(RuntimeError, match=r"h0 and c0 must be \[2, 3, size\]"):
+        torch.ops.lstm_fused.layers(x, (hx[0][:1], hx[1]), params, bias, layers, 0.0, False,
+                                    batch_first)
+    with pytest.raises(RuntimeError, match="input must be 3-D"):
+        torch.ops.lstm_fused.layers(x[0], hx, params, bias, layers, 0.0, False, batch_first)
+
+
 # ------------------------------------------------------------------------------------------- ONNX
 
 class FunctionalLengths(torch.nn.Module):
