@@ -9,6 +9,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ._padding import zero_padded_steps
 from .functional import lstm, lstm_bidirectional
 
+# The checks of LSTM._unidirectional_call, looked up once.
+_is_compiling = torch.compiler.is_compiling
+_is_autocast_enabled = torch._C._is_any_autocast_enabled
+_is_tracing = torch._C._is_tracing
+
 
 class LSTM(nn.RNNBase):
     """A drop-in replacement for torch.nn.LSTM.
@@ -164,35 +169,37 @@ class LSTM(nn.RNNBase):
         path. Past the checks, one op (lstm_fused::layers) runs the general path's layer loop in
         C++, where each view and call costs a fraction of what it costs from Python."""
         # Exact types: tensor subclasses (fake, functional), traces and compiles take the
-        # general path.
+        # general path. Each tensor method or torch function called from Python costs about a
+        # microsecond on a slow host, as much as an H = 32 step's arithmetic: the shape is read
+        # once, and torch.compile meets _is_compiling before the C functions it cannot trace.
         if self.bidirectional or type(input) is not Tensor:
             return None
-        if (input.dim() != 3 or torch._C._is_any_autocast_enabled() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling()):
+        shape = input.shape
+        if len(shape) != 3 or _is_compiling() or _is_autocast_enabled() or _is_tracing():
             return None
         layers = self.num_layers
-        batch_dim = 0 if self.batch_first else 1
-        batch = input.size(batch_dim)
-        weight_ih = self._weight(self._all_weights[0][0])
-        if (input.dtype != weight_ih.dtype or input.size(2) != self.input_size
-                or input.size(1 - batch_dim) == 0):
+        batch_first = self.batch_first
+        batch = shape[0] if batch_first else shape[1]
+        weights = [self._weight(name) for name in self._flat_weights_names]
+        if (input.dtype != weights[0].dtype or shape[2] != self.input_size
+                or shape[1 if batch_first else 0] == 0):
             return None
-        output_size = self.proj_size or self.hidden_size
+        hidden_size = self.hidden_size
+        output_size = self.proj_size or hidden_size
         if hx is None:
             h0 = input.new_zeros(layers, batch, output_size)
-            c0 = input.new_zeros(layers, batch, self.hidden_size)
+            c0 = input.new_zeros(layers, batch, hidden_size)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            if type(hx) not in (tuple, list) or len(hx) != 2:
                 return None
             h0, c0 = hx
             if (type(h0) is not Tensor or type(c0) is not Tensor
-                    or h0.size() != (layers, batch, output_size)
-                    or c0.size() != (layers, batch, self.hidden_size)):
+                    or h0.shape != (layers, batch, output_size)
+                    or c0.shape != (layers, batch, hidden_size)):
                 return None
-        weights = [self._weight(name) for name in self._flat_weights_names]
         output, h_n, c_n = torch.ops.lstm_fused.layers.default(
             input, (h0, c0), weights, self.bias, layers, float(self.dropout), self.training,
-            self.batch_first)
+            batch_first)
         return output, (h_n, c_n)
 
     def _forward_packed(self, packed: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
