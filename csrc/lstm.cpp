@@ -5,8 +5,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -261,6 +263,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layers(const at::Tensor& input, a
   }
   const int64_t per_layer = count / num_layers;
   const bool has_proj = per_layer == plain + 1;
+  // Where no gradient can flow, the views below (the layers' states, the results' layer
+  // dimension) skip autograd's view tracking, which nothing would read: through it the four
+  // views of a one-layer call cost more instructions than the op's own CPU work (callgrind,
+  // T = B = H = 1). Each layer still checks for itself (layer()).
+  const auto requires_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  const bool grad = at::GradMode::is_enabled() &&
+                    (input.requires_grad() || std::any_of(hx.begin(), hx.end(), requires_grad) ||
+                     std::any_of(params.begin(), params.end(), requires_grad));
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!grad) below_autograd.emplace();
   at::Tensor sequence = batch_first ? input.transpose(0, 1) : input;
   std::vector<at::Tensor> h_n, c_n;
   for (int64_t l = 0; l < num_layers; ++l) {
