@@ -144,7 +144,9 @@ def test_fused_inference_projects_inputs_chunk_by_chunk(chunks, B, dtype, isa, r
                                   expected):
             torch.testing.assert_close(actual.double(), wanted, atol=atol, rtol=rtol)
         return
-    exact = dtype == torch.bfloat16 and (isa == "avx512_bf16" or (isa == "avx2" and B <= 4))
+    # Where oneDNN packs bfloat16 (AMX), the training call projects all steps with its brgemm.
+    exact = (dtype == torch.bfloat16 and not torch.ops.lstm_fused._cpu_brgemm_packs(dtype)
+             and (isa == "avx512_bf16" or (isa == "avx2" and B <= 4)))
     for actual, wanted in zip(chunked, whole):
         assert torch.isfinite(actual).all()
         if exact:

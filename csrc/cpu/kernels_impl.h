@@ -166,18 +166,25 @@ void pack_gates_from(const Matrix& w, Acc* out) {
   const int64_t blocks = (H + L - 1) / L;
   using Stored = typename Storage<Source>::Type;
   const Stored* src = static_cast<const Stored*>(w.data);
+  // A slice of k at a time, a cache line of each of the block's 4L rows of w: the slice's rows
+  // of the block stay in L1 while they are written (whole columns, each element a line apart,
+  // went to L2 and back for every element: see gate_tiles_of in lstm_cpu.cpp).
+  constexpr int64_t kSlice = 64 / sizeof(Stored);
   for (int64_t u = 0; u < blocks; ++u) {
     Acc* block = out + u * K * 4 * L;
-    for (int64_t q = 0; q < 4; ++q) {
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t unit = u * L + l;
-        Acc* column = block + q * L + l;
-        if (unit >= H) {
-          for (int64_t k = 0; k < K; ++k) column[k * 4 * L] = Acc(0);
-          continue;
+    for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+      const int64_t k1 = min_(K, k0 + kSlice);
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t unit = u * L + l;
+          Acc* column = block + q * L + l;
+          if (unit >= H) {
+            for (int64_t k = k0; k < k1; ++k) column[k * 4 * L] = Acc(0);
+            continue;
+          }
+          const Stored* row = src + (q * H + unit) * w.ld;
+          for (int64_t k = k0; k < k1; ++k) column[k * 4 * L] = Storage<Source>::load(row[k]);
         }
-        const Stored* row = src + (q * H + unit) * w.ld;
-        for (int64_t k = 0; k < K; ++k) column[k * 4 * L] = Storage<Source>::load(row[k]);
       }
     }
   }
