@@ -9,7 +9,8 @@
 // The brgemm forward (no projection) keeps oneDNN's tiles instead: the input part of a chunk of
 // steps, then per step h_{t-1} W_hh^T added in and the update straight from the tiles.
 // Backward: one pass back in time (fused gate gradients, then dh_{t-1} from W_hh packed by
-// column blocks, or by brgemm), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all
+// column blocks, or by brgemm; the threads split the batch while W_hh fits in L2, else each
+// step's units and columns), then dx, dW_ih, dW_hh, db and dW_hr as large GEMMs over all
 // steps.
 // No atomics and a fixed reduction order: identical inputs give identical results.
 #include "../lstm.h"
