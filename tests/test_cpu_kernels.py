@@ -211,23 +211,25 @@ def test_steps_split_across_threads_use_the_same_blocks():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("path,dtype", [("fused", torch.float64), ("fused", torch.float32),
                                         pytest.param("brgemm", torch.float32, marks=pytest.mark.skipif(
                                             "brgemm" not in PATHS, reason="this PyTorch has no brgemm"))],
                          ids=["fused-fp64", "fused-fp32", "brgemm-fp32"])
 @pytest.mark.parametrize("T,B,I,H", [(5, 11, 8, 40), (4, 3, 6, 80), (3, 3, 8, 600)],
                          ids=["rows", "two-rows-and-one", "units"])
-def test_backward_split_across_threads_gives_the_serial_results(T, B, I, H, path, dtype):
+def test_backward_split_across_threads_gives_the_serial_results(T, B, I, H, path, dtype, isa):
     """On two threads the backward's pass back in time splits the batch (each thread every step
     of its rows) while W_hh fits in half a core's L2 (H = 40, 80: under 250 KB packed, for any L2
-    from 512 KB), else each step's units, then columns (H = 600: over 5 MB): the float64
-    reference, and the very bits of the single-threaded pass (the gradients of h0 and c0, which
-    it alone computes; BLAS computes the others) from the same saved forward."""
+    from 512 KB), else each step's units, then columns (H = 600: over 5 MB): with each
+    instruction set's kernels, the float64 reference at the op tolerances, and the very
+    bits of the single-threaded pass (the gradients of h0 and c0, which it alone computes; BLAS
+    computes the others) from the same saved forward."""
     inputs = make_inputs(T, B, I, H, dtype=dtype, lengths=lengths_for(T, B))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        with lstm_fused.force_path(path):
+        with lstm_fused.force_isa(isa), lstm_fused.force_path(path):
             outputs, grads, upstream, saved = run_op(inputs, False, before_each=poison_memory)
             torch.set_num_threads(1)
             serial = torch.ops.lstm_fused.backward(
@@ -236,7 +238,7 @@ def test_backward_split_across_threads_gives_the_serial_results(T, B, I, H, path
     finally:
         torch.set_num_threads(threads)
     expected_outputs, expected_grads = op_reference(inputs, False, upstream)
-    atol, rtol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-4, 1e-3)
+    atol, rtol = OP_TOLERANCES[dtype]
     compare_with_reference(outputs, grads, expected_outputs, expected_grads, atol, rtol)
     for name in ("h0", "c0"):
         index = OP_GRAD_NAMES.index(name)

@@ -1290,8 +1290,12 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
       }
     }
   };
+  const auto release = [&] {
+    if (brgemm) brgemm_release(vnni);
+  };
   if (fused && !has_proj && backward_by_rows(s, w_packed.nbytes())) {
-    // Each thread runs every step for its own rows: nothing crosses between cores, no barrier.
+    // One parallel region; each thread runs every step for its own rows: nothing crosses
+    // between cores, no barrier.
     run_steps(
         1, {B}, 4 * H * P * B,
         [&](int64_t, size_t, int64_t lo, int64_t hi) {
@@ -1302,10 +1306,8 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
             for (int64_t b = lo; b < hi; ++b) carry(st, b);
           }
         },
-        [&] {
-          if (brgemm) brgemm_release(vnni);
-        });
-  } else if (fused && !has_proj) {  // the whole sequence in one parallel region
+        release);
+  } else if (fused && !has_proj) {  // one parallel region, each step split by units, then columns
     std::vector<int64_t> phases = {H, blocks};  // gate gradients by unit, dh_{t-1} by column
     if (lengths) phases.push_back(B);           // carried rows
     run_steps(
@@ -1320,9 +1322,7 @@ void backward_steps(const LstmSizes& s, const Plan& plan, const cpu::Kernels& ke
             for (int64_t b = lo; b < hi; ++b) carry(st, b);
           }
         },
-        [&] {
-          if (brgemm) brgemm_release(vnni);
-        });
+        release);
   } else {
     for (int64_t n = 0; n < T; ++n) {
       const Step st = step_at(n);
